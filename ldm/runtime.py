@@ -1,0 +1,27 @@
+"""Starting or joining Ray, one way for every job.
+
+``address=None`` means: join the cluster named by ``RAY_ADDRESS`` when it is set (a job submitted with
+`ldm submit` runs inside a cluster), otherwise start a private local instance with ``num_cpus``
+(``address="local"``) so that a laptop run never joins somebody else's cluster by accident.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    os.environ.update(env)
+    runtime_env = {"env_vars": env}
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address is None or address == "local":
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)
+    else:
+        ray.init(address=address, runtime_env=runtime_env)
