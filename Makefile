@@ -1,0 +1,44 @@
+# The two README commands: `make demo` and `make test`. Both create .venv and install the project.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= ./ldm-demo
+PYTEST_FLAGS ?=
+
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test test-fast lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The whole pipeline end to end on the embedded default (no GPU, no hub, about 15-20 minutes).
+demo: $(STAMP)
+	$(BIN)/ldm demo --workdir $(WORKDIR)
+
+## The full test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/ruff check ldm pipelines serve tests benchmarks
+	$(BIN)/python -m pytest -q --timeout 1200 $(PYTEST_FLAGS) tests
+
+## A quick subset while you work: everything but the slow end-to-end tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout 600 -m "not slow" $(PYTEST_FLAGS) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check ldm pipelines serve tests benchmarks
+	$(BIN)/ruff format --check ldm pipelines serve tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

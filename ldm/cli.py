@@ -1,0 +1,264 @@
+"""The `ldm` console script: one subcommand per job, each a typed config + flag overrides.
+
+Every subcommand takes ``--config FILE.yaml`` (a config of that job; defaults live in code),
+``--workdir DIR`` and ``--set key.sub=value`` (repeatable) for any other field, plus the flags that
+CONTRACT.md names. Heavy imports (torch, ray, mlflow) happen inside the commands so that ``--help``
+stays fast. Known failures (bad config, bad input, a failed quality gate) print one clear line and
+exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Text-to-image latent diffusion, end to end on Ray: synth, bootstrap, ingest, train, eval, serve.",
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config for this job (defaults in code).")]
+WorkdirOpt = Annotated[
+    str | None, typer.Option("--workdir", help="Work directory (models, MLflow DB, checkpoints). [default: ./ldm-demo]")
+]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key.sub=value.")]
+
+# Offline by default: no hub lookups, no albumentations phone-home (TRAPS.md).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UserError(Exception):
+    """A failure the user can fix (bad config, bad input, a quality gate): printed without a traceback."""
+
+
+def _load(cls: type, config: Path | None, sets: list[str] | None, **overrides: Any):
+    from pydantic import ValidationError
+
+    from ldm.config import load_config
+
+    try:
+        return load_config(cls, config, overrides=overrides, sets=sets)
+    except ValidationError as error:
+        raise UserError(f"invalid {cls.__name__}:\n{error}") from error
+    except (OSError, ValueError) as error:
+        raise UserError(str(error)) from error
+
+
+def _save_config(cfg: Any, job: str) -> None:
+    from ldm.config import dump_config
+    from ldm.contract import WorkDir
+
+    dump_config(cfg, WorkDir(cfg.workdir).root / "configs" / f"{job}.yaml")
+
+
+def _run(fn, *args: Any) -> Any:
+    """Run a job; turn the errors a user can act on into one line and exit code 2."""
+    from ldm.errors import LdmError
+
+    try:
+        return fn(*args)
+    except (UserError, LdmError) as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def synth(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    num_pairs: Annotated[int | None, typer.Option(help="Number of caption-image rows.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="URL prefix written into pairs.parquet.")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the images on base_url until interrupted.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Render the synthetic caption-image source and its URL list (pairs.parquet)."""
+    from ldm.config.synth import SynthConfig
+
+    def job() -> None:
+        from ldm.synth.source import run_synth, serve_forever
+
+        cfg = _load(SynthConfig, config, set_, workdir=workdir, num_pairs=num_pairs, base_url=base_url)
+        _save_config(cfg, "synth")
+        summary = run_synth(cfg)
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        if serve:
+            serve_forever(cfg)
+
+    _run(job)
+
+
+@app.command()
+def bootstrap(config: ConfigOpt = None, workdir: WorkdirOpt = None, set_: SetOpt = None) -> None:
+    """Train the small first-stage models of the offline default: CLIP scorer, autoencoder, text encoder."""
+    from ldm.config.bootstrap import BootstrapConfig
+
+    def job() -> None:
+        from ldm.first_stage.bootstrap import run_bootstrap
+
+        cfg = _load(BootstrapConfig, config, set_, workdir=workdir)
+        _save_config(cfg, "bootstrap")
+        typer.echo(json.dumps(run_bootstrap(cfg), indent=2, default=str))
+
+    _run(job)
+
+
+@app.command()
+def ingest(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    input: Annotated[str | None, typer.Option("--input", help="Parquet/CSV/TSV of url, caption (local or s3://).")] = None,
+    output: Annotated[str | None, typer.Option("--output", help="Output prefix for latents/, rejects/, manifest.json.")] = None,
+    allow_host: Annotated[
+        list[str] | None, typer.Option("--allow-host", help="Lift the private-address guard for this host.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Download, filter, CLIP-score and encode caption-image pairs into latents (Ray Data)."""
+    from ldm.config.ingest import IngestConfig
+
+    def job() -> None:
+        from pipelines.ingest import run_ingest
+
+        cfg = _load(IngestConfig, config, set_, workdir=workdir, input=input, output=output, allow_hosts=allow_host)
+        _save_config(cfg, "ingest")
+        typer.echo(json.dumps(run_ingest(cfg), indent=2, default=str))
+
+    _run(job)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    data: Annotated[str | None, typer.Option("--data", help="Latents dataset written by ingest (local or s3://).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the text-conditioned U-Net on Ray Train; track in MLflow; export and register the model."""
+    from ldm.config.train import TrainConfig
+
+    def job() -> None:
+        from pipelines.train import run_train
+
+        cfg = _load(TrainConfig, config, set_, workdir=workdir, data=data)
+        _save_config(cfg, "train")
+        typer.echo(json.dumps(run_train(cfg), indent=2, default=str))
+
+    _run(job)
+
+
+@app.command(name="eval")
+def eval_(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model URI: folder or models:/NAME@ALIAS.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Prompt-adherence evaluation (GenEval-style, checked by code); logs to MLflow; last line is JSON."""
+    from ldm.config.eval import EvalConfig
+
+    def job() -> None:
+        from ldm.evaluate import run_eval
+
+        cfg = _load(EvalConfig, config, set_, workdir=workdir, model=model)
+        _save_config(cfg, "eval")
+        report = run_eval(cfg)
+        for category, value in report["scores"].items():
+            typer.echo(f"{category:>14}: {value:.3f}")
+        typer.echo(json.dumps(report["scores"]))
+
+    _run(job)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", help="Model URI: folder, s3://, models:/NAME@ALIAS, runs:/...")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text prompt.")],
+    out: Annotated[Path, typer.Option("--out", help="Output PNG (a grid when --num-images > 1).")],
+    seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    steps: Annotated[int, typer.Option("--steps", min=1, max=200)] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, max=30.0)] = 4.0,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim | dpmpp | euler")] = "dpmpp",
+    num_images: Annotated[int, typer.Option("--num-images", min=1, max=8)] = 1,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Generate images from a model without the server."""
+
+    def job() -> None:
+        from ldm import tracking
+        from ldm.pipeline import generate as run_generate
+        from ldm.pipeline import load_pipeline, make_grid
+
+        tracking.configure(workdir or "./ldm-demo")
+        try:
+            loaded = load_pipeline(model)
+            result = run_generate(
+                loaded.pipe,
+                prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+                num_images=num_images,
+                scheduler=scheduler,
+            )
+        except (ValueError, FileNotFoundError) as error:
+            raise UserError(str(error)) from error
+        image = result.images[0] if num_images == 1 else make_grid(result.images, 1, num_images)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        typer.echo(json.dumps({"out": str(out), "seed": result.seed, "model": loaded.name, "version": loaded.version}))
+
+    _run(job)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model URI [default: models:/ldm@champion].")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Deploy the Ray Serve application and run until interrupted."""
+    from ldm.config.serve import ServeConfig
+
+    def job() -> None:
+        from serve.app import run_serve
+
+        cfg = _load(ServeConfig, config, set_, workdir=workdir, model=model, port=port)
+        _save_config(cfg, "serve")
+        run_serve(cfg, block=True)
+
+    _run(job)
+
+
+@app.command()
+def demo(config: ConfigOpt = None, workdir: WorkdirOpt = None, set_: SetOpt = None) -> None:
+    """The whole pipeline on the embedded default: synth, bootstrap, ingest, train, register, serve, generate."""
+    from ldm.config.demo import DemoConfig
+
+    def job() -> None:
+        from pipelines.demo import run_demo
+
+        cfg = _load(DemoConfig, config, set_, workdir=workdir)
+        _save_config(cfg, "demo")
+        run_demo(cfg)
+
+    _run(job)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # img2dataset spawns workers that re-import __main__ (TRAPS.md)
+    main()

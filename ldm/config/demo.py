@@ -1,0 +1,49 @@
+"""Config of `ldm demo`: one section per stage, each the config of the job it runs.
+
+The defaults are the embedded default: sized so that the whole demo finishes within about 20 minutes
+on 2 CPU cores. Every stage runs in the demo's work directory: ``with_workdir()`` points all sections
+at it, so ``ldm demo --workdir DIR`` moves everything.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ldm.config.base import ConfigBase
+from ldm.config.bootstrap import BootstrapConfig
+from ldm.config.eval import EvalConfig
+from ldm.config.ingest import IngestConfig
+from ldm.config.serve import ServeConfig
+from ldm.config.synth import SynthConfig
+from ldm.config.train import TrainConfig
+
+DEMO_PROMPTS = (
+    "a red circle",
+    "a green square",
+    "a blue triangle",
+    "a yellow star",
+    "a purple circle",
+    "an orange square",
+)
+
+
+class DemoConfig(ConfigBase):
+    workdir: str = "./ldm-demo"
+    num_cpus: int = 2
+    ray_address: str | None = None
+    model_name: str = "ldm"
+    seed: int = 0
+    prompts: tuple[str, ...] = DEMO_PROMPTS
+    images_per_prompt: int = Field(4, ge=1, le=8)
+    synth: SynthConfig = SynthConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    ingest: IngestConfig = IngestConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig(num_prompts=24)
+    serve: ServeConfig = ServeConfig(model="models:/ldm@champion", port=0)
+
+    def with_workdir(self) -> DemoConfig:
+        """A copy whose stage sections all use this config's work directory."""
+        sections = ("synth", "bootstrap", "ingest", "train", "eval", "serve")
+        update = {name: getattr(self, name).model_copy(update={"workdir": self.workdir}) for name in sections}
+        return self.model_copy(update=update)
