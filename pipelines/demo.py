@@ -104,9 +104,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     with ImageServer(work.synth / "www") as server:
         pairs = write_pairs(work.synth, server.base_url)
         print(f"serving {work.synth / 'www'} at {server.base_url}; pairs: {pairs}")
-        summary["bootstrap"] = clock.run("bootstrap: first-stage models", lambda: run_bootstrap(sub.bootstrap))
+        summary["bootstrap"] = clock.run(
+            "bootstrap: first-stage models", lambda: run_bootstrap(sub.bootstrap)
+        )
         ingest_cfg = sub.ingest.model_copy(update={"input": str(pairs), "allow_hosts": ["127.0.0.1"]})
-        summary["ingest"] = clock.run("ingest: download, filter, score, encode", lambda: run_ingest(ingest_cfg))
+        summary["ingest"] = clock.run(
+            "ingest: download, filter, score, encode", lambda: run_ingest(ingest_cfg)
+        )
 
     summary["train"] = train = clock.run("train: U-Net on Ray Train", lambda: run_train(sub.train))
     version = str(train["model_version"])

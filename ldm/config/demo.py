@@ -19,7 +19,7 @@ from ldm.config.train import TrainConfig
 
 DEMO_PROMPTS = (
     "a red circle",
-    "a green square",
+    "a green triangle",
     "a blue triangle",
     "a yellow star",
     "a purple circle",

@@ -1,0 +1,133 @@
+"""GenEval-style prompt-adherence scoring of images made for captions of the synthetic grammar.
+
+The rules follow GenEval (Ghosh et al., 2023, `evaluation/evaluate_images.py`), with our code-based
+detector in place of its Mask2Former, and colour read off the pixels instead of asked of CLIP:
+
+- single_object: at least one object of the named shape (and size, if named);
+- two_object: both named shapes present;
+- counting: *exactly* N objects of the named colour and shape;
+- colors: an object of the named shape has the named colour;
+- position, relative: some object A and some object B whose centroids differ by more than
+  `POSITION_MARGIN` pixels along the named direction (GenEval also accepts diagonal offsets);
+- position, absolute: the object's centroid falls in the named cell of the 3x3 grid;
+- color_attr: the first shape in the first colour *and* the second shape in the second colour
+  (each colour bound to its own shape).
+
+A prompt's image passes or fails as a whole; a category's score is the fraction that pass and
+``overall`` is the mean over the categories present, GenEval's headline number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from PIL import Image
+
+from ldm.evaluation.detect import detect_objects
+from ldm.synth.grammar import (
+    CATEGORIES,
+    GRID,
+    POSITIONS,
+    REFERENCE_SIZE,
+    ObjectSpec,
+    PromptSpec,
+    parse_caption,
+)
+
+# Minimum centroid offset, in 64 px reference pixels, for "left of" and friends. Grid cells are 21 px
+# apart, so a correct layout clears it easily while two shapes in one column never count as "left of".
+POSITION_MARGIN = 6.0
+
+
+class ObjectLike(Protocol):
+    """What `check` needs of an object: a `Detection`, or a `SceneObject` for ground truth."""
+
+    color: str
+    shape: str
+    size: str
+    cx: float
+    cy: float
+
+
+def _matches(obj: ObjectLike, want: ObjectSpec) -> bool:
+    return (
+        obj.shape == want.shape
+        and (want.color is None or obj.color == want.color)
+        and (want.size is None or obj.size == want.size)
+    )
+
+
+def _cell(obj: ObjectLike) -> tuple[int, int]:
+    cell = REFERENCE_SIZE / GRID
+    column = min(int(obj.cx // cell), GRID - 1)
+    row = min(int(obj.cy // cell), GRID - 1)
+    return column, row
+
+
+def _related(a: ObjectLike, b: ObjectLike, relation: str) -> bool:
+    dx, dy = b.cx - a.cx, b.cy - a.cy  # image y grows downwards
+    if relation == "left of":
+        return dx > POSITION_MARGIN
+    if relation == "right of":
+        return -dx > POSITION_MARGIN
+    if relation == "above":
+        return dy > POSITION_MARGIN
+    if relation == "below":
+        return -dy > POSITION_MARGIN
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+def check(spec: PromptSpec, detections: Sequence[ObjectLike]) -> bool:
+    """Does an image with these detected objects satisfy ``spec``?"""
+    if spec.category == "counting":
+        want = spec.objects[0]
+        return sum(_matches(d, want) for d in detections) == want.count
+    if spec.relation is not None:
+        first, second = spec.objects
+        return any(
+            _related(a, b, spec.relation)
+            for a in detections
+            if _matches(a, first)
+            for b in detections
+            if b is not a and _matches(b, second)
+        )
+    if spec.position is not None:
+        target = POSITIONS[spec.position]
+        return any(_matches(d, spec.objects[0]) and _cell(d) == target for d in detections)
+    if spec.category in ("single_object", "colors", "two_object", "color_attr"):
+        return all(any(_matches(d, want) for d in detections) for want in spec.objects)
+    raise ValueError(f"unknown category {spec.category!r}")
+
+
+def score(prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, Any]:
+    """Score images against their prompts (one image per prompt, same order).
+
+    Returns ``{category: fraction passed, ..., "overall": mean over categories present,
+    "per_prompt": [{"prompt", "category", "passed", "detected"}, ...]}``; categories with no prompt
+    are left out rather than reported as 0.
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+    if not prompts:
+        raise ValueError("nothing to score: no prompts")
+    per_prompt = []
+    for prompt, image in zip(prompts, images, strict=True):
+        spec = parse_caption(prompt)
+        detections = detect_objects(image)
+        per_prompt.append(
+            {
+                "prompt": prompt,
+                "category": spec.category,
+                "passed": check(spec, detections),
+                "detected": [f"{d.size} {d.color} {d.shape} @({d.cx:.0f},{d.cy:.0f})" for d in detections],
+            }
+        )
+    result: dict[str, Any] = {}
+    for category in CATEGORIES:
+        outcomes = [p["passed"] for p in per_prompt if p["category"] == category]
+        if outcomes:
+            result[category] = sum(outcomes) / len(outcomes)
+    result["overall"] = sum(result.values()) / len(result)
+    result["per_prompt"] = per_prompt
+    return result

@@ -1,0 +1,137 @@
+"""The code-based detector and the GenEval-style rules, on real renders of the synthetic grammar."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from ldm.evaluation import Detection, check, detect_objects, score
+from ldm.synth import (
+    BACKGROUND,
+    CATEGORIES,
+    Scene,
+    SceneObject,
+    heldout_prompts,
+    parse_caption,
+    render_scene,
+    sample_scene,
+    scene_for_prompt,
+)
+from ldm.synth.grammar import SIZE_RADIUS
+from ldm.synth.render import shape_centroid_offset
+
+
+def _signature(objects) -> list[tuple[str, str, str]]:
+    return sorted((o.color, o.shape, o.size) for o in objects)
+
+
+def _scenes(n: int, seed: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(n)]
+
+
+def test_detector_is_exact_on_clean_renders():
+    for scene in _scenes(300, seed=11):
+        detections = detect_objects(render_scene(scene))
+        assert _signature(detections) == _signature(scene.objects), scene
+        for obj in scene.objects:
+            centroid_y = obj.cy + shape_centroid_offset(obj.shape, SIZE_RADIUS[obj.size])
+            assert min(abs(d.cx - obj.cx) + abs(d.cy - centroid_y) for d in detections) < 1.5
+
+
+def test_detector_works_at_other_resolutions():
+    for scene in _scenes(30, seed=12):
+        detections = detect_objects(render_scene(scene, size=128))
+        assert _signature(detections) == _signature(scene.objects)
+        assert all(0 <= d.cx < 64 and 0 <= d.cy < 64 for d in detections)  # reference units
+
+
+def test_detector_tolerates_blur_and_noise():
+    rng = np.random.default_rng(13)
+    scenes = _scenes(300, seed=13)
+    correct = 0
+    for scene in scenes:
+        pixels = np.asarray(render_scene(scene), dtype=np.float32)
+        pixels = ndimage.gaussian_filter(pixels, (1.0, 1.0, 0)) + rng.normal(0, 8, pixels.shape)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        correct += _signature(detect_objects(image)) == _signature(scene.objects)
+    assert correct / len(scenes) >= 0.95
+
+
+def test_detector_ignores_specks_and_off_palette_blobs():
+    scene = Scene((SceneObject("red", "circle", "large", 32, 32),), BACKGROUND, "", "colors", None)
+    pixels = np.array(render_scene(scene))
+    pixels[2:4, 2:4] = (220, 30, 30)  # a 2x2 red speck
+    pixels[45:60, 5:20] = (110, 90, 60)  # a brown patch: no palette colour
+    detections = detect_objects(pixels)
+    assert [(d.color, d.shape, d.size) for d in detections] == [("red", "circle", "large")]
+    assert detect_objects(np.full((64, 64, 3), BACKGROUND, dtype=np.uint8)) == []
+    with pytest.raises(ValueError):
+        detect_objects(np.zeros((64, 64), dtype=np.uint8))
+
+
+def _obj(color: str, shape: str, cx: float, cy: float, size: str = "small") -> Detection:
+    return Detection(color, shape, size, cx, cy, area=100.0, bbox=(0, 0, 1, 1), iou=1.0)
+
+
+def test_rules_per_category():
+    red_circle, blue_square = _obj("red", "circle", 12, 32), _obj("blue", "square", 52, 32)
+    assert check(parse_caption("a red circle to the left of a blue square"), [red_circle, blue_square])
+    assert not check(parse_caption("a red circle to the right of a blue square"), [red_circle, blue_square])
+    assert not check(parse_caption("a red circle above a blue square"), [red_circle, blue_square])
+    # within the margin is no relation at all
+    near = _obj("blue", "square", 16, 36)
+    assert not check(parse_caption("a red circle to the left of a blue square"), [red_circle, near])
+    assert check(
+        parse_caption("a blue square below a red circle"), [red_circle, _obj("blue", "square", 12, 52)]
+    )
+
+    assert check(parse_caption("a red circle in the top left"), [_obj("red", "circle", 14, 10)])
+    assert not check(parse_caption("a red circle in the top left"), [_obj("red", "circle", 32, 10)])
+    assert check(parse_caption("a red circle in the center"), [_obj("red", "circle", 33, 31)])
+    assert not check(parse_caption("a large red circle in the center"), [_obj("red", "circle", 33, 31)])
+
+    triangles = [_obj("green", "triangle", x, 12) for x in (12, 32, 52)]
+    assert check(parse_caption("three green triangles"), triangles)
+    assert not check(parse_caption("two green triangles"), triangles)
+    assert not check(
+        parse_caption("three green triangles"), triangles[:2] + [_obj("red", "triangle", 52, 12)]
+    )
+
+    green_square, red_triangle = _obj("green", "square", 12, 12), _obj("red", "triangle", 52, 52)
+    assert check(parse_caption("a green square and a red triangle"), [green_square, red_triangle])
+    swapped = [_obj("red", "square", 12, 12), _obj("green", "triangle", 52, 52)]
+    assert not check(parse_caption("a green square and a red triangle"), swapped)  # binding
+    assert check(parse_caption("a square and a triangle"), swapped)
+    assert not check(parse_caption("a square and a circle"), swapped)
+    assert check(parse_caption("a small square"), swapped) and not check(
+        parse_caption("a large square"), swapped
+    )
+    assert check(parse_caption("a red square"), swapped) and not check(
+        parse_caption("a purple square"), swapped
+    )
+
+
+def test_clean_heldout_renders_score_one_and_shuffled_pairs_score_low():
+    prompts = heldout_prompts(120, seed=0)
+    rng = np.random.default_rng(0)
+    images = [render_scene(scene_for_prompt(parse_caption(p), rng)) for p in prompts]
+    report = score(prompts, images)
+    assert set(report) == {*CATEGORIES, "overall", "per_prompt"}
+    assert report["overall"] == 1.0 and all(report[c] == 1.0 for c in CATEGORIES)
+    assert len(report["per_prompt"]) == 120 and all(p["passed"] for p in report["per_prompt"])
+
+    order = rng.permutation(len(images))
+    shuffled = score(prompts, [images[i] for i in order])
+    assert shuffled["overall"] < 0.35
+    failures = [p for p in shuffled["per_prompt"] if not p["passed"]]
+    assert failures and all(isinstance(d, str) for d in failures[0]["detected"])
+
+    only_counting = score(prompts[2:3], images[2:3])
+    assert set(only_counting) == {"counting", "overall", "per_prompt"}
+    with pytest.raises(ValueError):
+        score(prompts, images[:-1])
+    with pytest.raises(ValueError):
+        score(["a red dog"], images[:1])
