@@ -1,0 +1,106 @@
+"""Config of `ldm ingest`: download caption-image pairs, filter them, CLIP-score them, encode them.
+
+One frozen config per job (STYLE.md 5). Paths left as ``None`` default to the work directory's
+layout (`ldm.contract.WorkDir`): the synthetic pairs file as input, ``data/`` as output, and the
+first-stage models that `ldm bootstrap` wrote. Stage resources are declared here and applied where
+the job calls ``map_batches`` (`pipelines.ingest`).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from ldm.config.base import ConfigBase
+from ldm.contract import WorkDir
+
+
+class DownloadConfig(ConfigBase):
+    """img2dataset settings, per URL shard."""
+
+    timeout_s: int = Field(10, ge=1)
+    retries: int = Field(1, ge=0)
+    thread_count: int = Field(16, ge=1)  # threads per shard task: downloading is I/O bound
+    rows_per_shard: int = Field(1000, ge=1)  # the unit of work, of retry and of reuse on a re-run
+    shard_concurrency: int = Field(2, ge=1)  # shard tasks running at once
+    max_shard_attempts: int = Field(3, ge=1)  # a failed shard task is retried by Ray this many times
+
+
+class FilterConfig(ConfigBase):
+    """Row filters; sizes are checked on the *original* image, before any resize."""
+
+    min_side: int = Field(32, ge=1)
+    max_aspect_ratio: float = Field(3.0, ge=1.0)
+    max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked from the header
+    min_caption_chars: int = Field(3, ge=1)
+    clip_threshold: float = 0.2  # cosine similarity of the CLIP scorer; below it: low_clip_score
+
+
+class StageResources(ConfigBase):
+    """Resources of one model stage (an actor pool), as passed to ``Dataset.map_batches``."""
+
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)  # actors in the pool
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)
+
+
+class IngestConfig(ConfigBase):
+    workdir: str = "./ldm-demo"
+    input: str | None = None  # Parquet/CSV/TSV with url and caption; default: the synthetic pairs
+    output: str | None = None  # local folder or s3:// prefix; default: WorkDir.data
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # Hosts (names or literal addresses) allowed even though they resolve to private/loopback
+    # addresses. When `input` is left to the synthetic default, its server's 127.0.0.1 is allowed.
+    allow_hosts: list[str] = Field(default_factory=list)
+    # model specs: local folders or s3:// prefixes; default: the folders written by `ldm bootstrap`
+    clip: str | None = None
+    autoencoder: str | None = None
+    text_encoder: str | None = None  # a folder with text_encoder/ and tokenizer/ (bootstrap's or SD's)
+    image_size: int = Field(64, ge=8)  # the models' input size; accepted images are resized to it
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    filter_batch_size: int = Field(256, ge=1)
+    score: StageResources = Field(default_factory=StageResources)
+    encode: StageResources = Field(default_factory=StageResources)
+    rows_per_file: int = Field(5000, ge=1)  # rows per latents/ Parquet file
+    torch_threads: int = Field(2, ge=1)  # intra-op threads of each model actor
+    num_cpus: int | None = None  # for a local Ray; None: all cores
+    ray_address: str | None = None
+    log_mlflow: bool = True
+
+    @model_validator(mode="after")
+    def _columns_differ(self) -> IngestConfig:
+        if self.url_col == self.caption_col:
+            raise ValueError(f"url_col and caption_col must differ, both are {self.url_col!r}")
+        return self
+
+    # --- resolved paths (the work directory's layout when left unset) -----------------------------
+    @property
+    def input_uri(self) -> str:
+        return self.input or str(WorkDir(self.workdir).pairs)
+
+    @property
+    def output_uri(self) -> str:
+        return self.output or str(WorkDir(self.workdir).data)
+
+    @property
+    def clip_spec(self) -> str:
+        return self.clip or str(WorkDir(self.workdir).clip)
+
+    @property
+    def autoencoder_spec(self) -> str:
+        return self.autoencoder or str(WorkDir(self.workdir).autoencoder)
+
+    @property
+    def text_encoder_spec(self) -> str:
+        # load_text_encoder takes the folder that holds text_encoder/ and tokenizer/
+        return self.text_encoder or str(WorkDir(self.workdir).models)
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """``allow_hosts``, plus the synthetic source's loopback host when reading the default input."""
+        hosts = {host.lower().strip("[]") for host in self.allow_hosts}
+        if self.input is None:
+            hosts.add("127.0.0.1")
+        return frozenset(hosts)

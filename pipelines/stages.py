@@ -1,0 +1,119 @@
+"""The model stages of the ingest job: callable classes for ``Dataset.map_batches`` (STYLE.md 6).
+
+Each loads its model once in ``__init__`` (one load per actor) and transforms one numpy batch in
+``__call__``. Resources (``batch_size``, ``concurrency``, ``num_gpus``) are declared where the job
+calls ``map_batches`` (`pipelines.ingest`), not here. Both run on the GPU when the actor was given one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ldm.contract import (
+    COL_CAPTION,
+    COL_CLIP_SCORE,
+    COL_HEIGHT,
+    COL_KEY,
+    COL_LATENT,
+    COL_SHA256,
+    COL_TEXT_EMBEDDING,
+    COL_URL,
+    COL_WIDTH,
+    LATENT_DTYPE,
+    TEXT_EMBEDDING_DTYPE,
+)
+from ldm.text import encode_captions
+from pipelines.filters import COL_DETAIL, COL_IMAGE, COL_REASON, COL_STAGE, REASON_LOW_CLIP, STAGE_SCORE
+
+# columns of an encoded row, in the order they are written to latents/
+LATENT_ROW_COLUMNS = (
+    COL_KEY,
+    COL_URL,
+    COL_CAPTION,
+    COL_CLIP_SCORE,
+    COL_WIDTH,
+    COL_HEIGHT,
+    COL_SHA256,
+    COL_LATENT,
+    COL_TEXT_EMBEDDING,
+)
+
+
+def _device(use_gpu: bool, torch_threads: int) -> str:
+    torch.set_num_threads(torch_threads)  # actors share the node's cores with each other and with Data tasks
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("this stage was given a GPU (num_gpus > 0) but torch sees no CUDA device")
+    return "cuda" if use_gpu else "cpu"
+
+
+class ClipScorer:
+    """Adds ``clip_score`` (cosine similarity, float32) and rejects pairs below ``threshold``."""
+
+    def __init__(self, spec: str, threshold: float, use_gpu: bool = False, torch_threads: int = 1):
+        from ldm.first_stage.clip import load_clip
+
+        self.device = _device(use_gpu, torch_threads)
+        self.bundle = load_clip(spec, device=self.device)
+        self.threshold = threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ldm.first_stage.clip import clip_score
+
+        if len(batch[COL_KEY]) == 0:  # Ray may hand over an empty block once every row was rejected
+            batch[COL_CLIP_SCORE] = np.zeros(0, dtype=np.float32)
+            return batch
+        scores = clip_score(self.bundle, batch[COL_IMAGE], [str(c) for c in batch[COL_CAPTION]])
+        low = scores < self.threshold
+        batch[COL_CLIP_SCORE] = scores.astype(np.float32)
+        batch[COL_REASON] = np.where(low, REASON_LOW_CLIP, batch[COL_REASON]).astype(object)
+        batch[COL_STAGE] = np.where(low, STAGE_SCORE, batch[COL_STAGE]).astype(object)
+        details = [f"clip score {s:.4f} < {self.threshold}" for s in scores]
+        batch[COL_DETAIL] = np.where(low, np.array(details, dtype=object), batch[COL_DETAIL]).astype(object)
+        return batch
+
+
+class LatentEncoder:
+    """Adds ``latent`` (fp16 [C, H, W], the autoencoder's unscaled posterior mean) and
+    ``text_embedding`` (fp16 [L, D], `ldm.text.encode_captions`); drops the pixels."""
+
+    def __init__(
+        self, autoencoder_spec: str, text_encoder_spec: str, use_gpu: bool = False, torch_threads: int = 1
+    ):
+        from ldm.first_stage.autoencoder import load_autoencoder
+        from ldm.first_stage.text_encoder import load_text_encoder
+
+        self.device = _device(use_gpu, torch_threads)
+        self.vae = load_autoencoder(autoencoder_spec, device=self.device)
+        self.tokenizer, self.text_encoder = load_text_encoder(text_encoder_spec, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ldm.first_stage.autoencoder import encode_images
+
+        if len(batch[COL_KEY]) == 0:
+            latents, text = self._empty_outputs(batch[COL_IMAGE].shape[1])
+        else:
+            latents = encode_images(self.vae, batch[COL_IMAGE]).numpy()  # [N, C, H, W] float32
+            captions = [str(c) for c in batch[COL_CAPTION]]
+            text = (
+                encode_captions(self.tokenizer, self.text_encoder, captions, device=self.device).cpu().numpy()
+            )
+        # fp16 tops out at 65504: a latent beyond it would be stored as inf and poison training
+        for name, values in ((COL_LATENT, latents), (COL_TEXT_EMBEDDING, text)):
+            if not np.isfinite(values).all() or np.abs(values).max(initial=0.0) > np.finfo(np.float16).max:
+                raise ValueError(
+                    f"{name} values are not finite in float16 (keys {list(batch[COL_KEY][:3])}...)"
+                )
+        out = {name: batch[name] for name in LATENT_ROW_COLUMNS[:7]}
+        out[COL_LATENT] = latents.astype(LATENT_DTYPE)
+        out[COL_TEXT_EMBEDDING] = text.astype(TEXT_EMBEDDING_DTYPE)
+        return out
+
+    def _empty_outputs(self, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zero-row latents and text embeddings of the right shapes (an empty block keeps its schema)."""
+        side = image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latents = np.zeros((0, self.vae.config.latent_channels, side, side), dtype=np.float32)
+        text = np.zeros(
+            (0, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size), np.float32
+        )
+        return latents, text
