@@ -23,9 +23,12 @@ app = typer.Typer(
     help="Text-to-image latent diffusion, end to end on Ray: synth, bootstrap, ingest, train, eval, serve.",
 )
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config for this job (defaults in code).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML config for this job (defaults in code).")
+]
 WorkdirOpt = Annotated[
-    str | None, typer.Option("--workdir", help="Work directory (models, MLflow DB, checkpoints). [default: ./ldm-demo]")
+    str | None,
+    typer.Option("--workdir", help="Work directory (models, MLflow DB, checkpoints). [default: ./ldm-demo]"),
 ]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key.sub=value.")]
 
@@ -76,7 +79,9 @@ def synth(
     workdir: WorkdirOpt = None,
     num_pairs: Annotated[int | None, typer.Option(help="Number of caption-image rows.")] = None,
     base_url: Annotated[str | None, typer.Option(help="URL prefix written into pairs.parquet.")] = None,
-    serve: Annotated[bool, typer.Option("--serve", help="Serve the images on base_url until interrupted.")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve the images on base_url until interrupted.")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Render the synthetic caption-image source and its URL list (pairs.parquet)."""
@@ -114,8 +119,12 @@ def bootstrap(config: ConfigOpt = None, workdir: WorkdirOpt = None, set_: SetOpt
 def ingest(
     config: ConfigOpt = None,
     workdir: WorkdirOpt = None,
-    input: Annotated[str | None, typer.Option("--input", help="Parquet/CSV/TSV of url, caption (local or s3://).")] = None,
-    output: Annotated[str | None, typer.Option("--output", help="Output prefix for latents/, rejects/, manifest.json.")] = None,
+    input: Annotated[
+        str | None, typer.Option("--input", help="Parquet/CSV/TSV of url, caption (local or s3://).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="Output prefix for latents/, rejects/, manifest.json.")
+    ] = None,
     allow_host: Annotated[
         list[str] | None, typer.Option("--allow-host", help="Lift the private-address guard for this host.")
     ] = None,
@@ -127,7 +136,9 @@ def ingest(
     def job() -> None:
         from pipelines.ingest import run_ingest
 
-        cfg = _load(IngestConfig, config, set_, workdir=workdir, input=input, output=output, allow_hosts=allow_host)
+        cfg = _load(
+            IngestConfig, config, set_, workdir=workdir, input=input, output=output, allow_hosts=allow_host
+        )
         _save_config(cfg, "ingest")
         typer.echo(json.dumps(run_ingest(cfg), indent=2, default=str))
 
@@ -138,7 +149,9 @@ def ingest(
 def train(
     config: ConfigOpt = None,
     workdir: WorkdirOpt = None,
-    data: Annotated[str | None, typer.Option("--data", help="Latents dataset written by ingest (local or s3://).")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Latents dataset written by ingest (local or s3://).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Train the text-conditioned U-Net on Ray Train; track in MLflow; export and register the model."""
@@ -158,7 +171,9 @@ def train(
 def eval_(
     config: ConfigOpt = None,
     workdir: WorkdirOpt = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model URI: folder or models:/NAME@ALIAS.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model URI: folder or models:/NAME@ALIAS.")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Prompt-adherence evaluation (GenEval-style, checked by code); logs to MLflow; last line is JSON."""
@@ -179,7 +194,9 @@ def eval_(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option("--model", help="Model URI: folder, s3://, models:/NAME@ALIAS, runs:/...")],
+    model: Annotated[
+        str, typer.Option("--model", help="Model URI: folder, s3://, models:/NAME@ALIAS, runs:/...")
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="Text prompt.")],
     out: Annotated[Path, typer.Option("--out", help="Output PNG (a grid when --num-images > 1).")],
     seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
@@ -215,7 +232,11 @@ def generate(
         image = result.images[0] if num_images == 1 else make_grid(result.images, 1, num_images)
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
-        typer.echo(json.dumps({"out": str(out), "seed": result.seed, "model": loaded.name, "version": loaded.version}))
+        typer.echo(
+            json.dumps(
+                {"out": str(out), "seed": result.seed, "model": loaded.name, "version": loaded.version}
+            )
+        )
 
     _run(job)
 
@@ -224,7 +245,9 @@ def generate(
 def serve(
     config: ConfigOpt = None,
     workdir: WorkdirOpt = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model URI [default: models:/ldm@champion].")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model URI [default: models:/ldm@champion].")
+    ] = None,
     port: Annotated[int | None, typer.Option("--port")] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -254,6 +277,123 @@ def demo(config: ConfigOpt = None, workdir: WorkdirOpt = None, set_: SetOpt = No
         run_demo(cfg)
 
     _run(job)
+
+
+AddressOpt = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        envvar="RAY_API_SERVER_ADDRESS",
+        help="Ray dashboard/Jobs API address, e.g. http://head:8265.",
+    ),
+]
+
+
+@app.command()
+def submit(
+    job: Annotated[str, typer.Argument(help="ingest | train | eval | retrain")],
+    address: AddressOpt,
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    set_: SetOpt = None,
+    working_dir: Annotated[
+        str | None,
+        typer.Option("--working-dir", help="Folder uploaded as the job's runtime_env working_dir."),
+    ] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", help="Env var for the job: NAME=VALUE.")] = None,
+    entrypoint_num_cpus: Annotated[
+        float | None, typer.Option(help="CPUs reserved for the entrypoint.")
+    ] = None,
+    entrypoint_num_gpus: Annotated[
+        float | None, typer.Option(help="GPUs reserved for the entrypoint.")
+    ] = None,
+    submission_id: Annotated[str | None, typer.Option("--submission-id")] = None,
+    python: Annotated[
+        str, typer.Option(help="Python on the cluster that has this project installed.")
+    ] = "python",
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Stream the logs until the job ends; exit 1 if it failed.")
+    ] = False,
+) -> None:
+    """Submit ingest/train/eval/retrain to a Ray cluster via the Ray Jobs API (token auth as Ray does it)."""
+
+    def job_fn() -> None:
+        from pipelines import submit as jobs_api
+
+        try:
+            cls = jobs_api.config_class(job)
+        except ValueError as error:
+            raise UserError(str(error)) from error
+        cfg = _load(cls, config, set_, workdir=workdir)
+        env_vars = {}
+        for item in env or []:
+            if "=" not in item:
+                raise UserError(f"--env {item!r} must look like NAME=VALUE")
+            name, value = item.split("=", 1)
+            env_vars[name] = value
+        sid = jobs_api.submit(
+            job,
+            address,
+            cfg,
+            working_dir=working_dir,
+            env_vars=env_vars,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
+            submission_id=submission_id,
+            python=python,
+        )
+        typer.echo(f"submitted {sid}")
+        if wait:
+            status = jobs_api.follow(address, sid, echo=lambda text, end="": typer.echo(text, nl=False))
+            typer.echo(f"\n{sid}: {status}")
+            if status != "SUCCEEDED":
+                raise typer.Exit(1)
+
+    _run(job_fn)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and stop jobs on a Ray cluster.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt) -> None:
+    """All jobs of the cluster, newest last."""
+    from pipelines import submit as jobs_api
+
+    for info in jobs_api.list_jobs(address):
+        typer.echo(json.dumps(info, default=str))
+
+
+@jobs_app.command("status")
+def jobs_status(submission_id: str, address: AddressOpt) -> None:
+    from pipelines import submit as jobs_api
+
+    typer.echo(str(jobs_api.client(address).get_job_status(submission_id).value))
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    submission_id: str,
+    address: AddressOpt,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
+) -> None:
+    from pipelines import submit as jobs_api
+
+    if follow:
+        typer.echo(
+            jobs_api.follow(address, submission_id, echo=lambda text, end="": typer.echo(text, nl=False))
+        )
+    else:
+        typer.echo(jobs_api.client(address).get_job_logs(submission_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(submission_id: str, address: AddressOpt) -> None:
+    from pipelines import submit as jobs_api
+
+    stopped = jobs_api.client(address).stop_job(submission_id)
+    typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 def main() -> None:  # pragma: no cover - console entry

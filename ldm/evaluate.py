@@ -97,16 +97,22 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     with mlflow.start_run(experiment_id=tracking.experiment(cfg.experiment, cfg.workdir)) as run:
         mlflow.log_params({f"eval.{k}": v for k, v in cfg.flat().items()})
-        mlflow.log_params({"model.uri": loaded.uri, "model.name": loaded.name, "model.version": loaded.version})
+        mlflow.log_params(
+            {"model.uri": loaded.uri, "model.name": loaded.name, "model.version": loaded.version}
+        )
         mlflow.log_metrics({f"geneval.{k}": v for k, v in scores.items()})
         passed = report.get("passed", [])
         rows = [{"prompt": p, "passed": bool(ok)} for p, ok in zip(result["prompts"], passed, strict=False)]
-        mlflow.log_table({"prompt": [r["prompt"] for r in rows], "passed": [r["passed"] for r in rows]},
-                         artifact_file="eval/per_prompt.json")
+        mlflow.log_table(
+            {"prompt": [r["prompt"] for r in rows], "passed": [r["passed"] for r in rows]},
+            artifact_file="eval/per_prompt.json",
+        )
         failures = [img for img, ok in zip(result["images"], passed, strict=False) if not ok][:32]
         if failures:
             cols = min(8, len(failures))
-            mlflow.log_image(make_grid(failures, (len(failures) + cols - 1) // cols, cols), "eval/failures.png")
+            mlflow.log_image(
+                make_grid(failures, (len(failures) + cols - 1) // cols, cols), "eval/failures.png"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "scores.json"
             path.write_text(json.dumps(scores, indent=2))
@@ -119,13 +125,21 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             if cfg.promote:
                 champion_version, champion = _champion_score(cfg)
                 if champion_version == loaded.version:
-                    decision = {"promoted": False, "reason": f"version {loaded.version} already is the champion"}
+                    decision = {
+                        "promoted": False,
+                        "reason": f"version {loaded.version} already is the champion",
+                    }
                 else:
                     ok, reason = gate(scores["overall"], champion, cfg.floor)
                     if ok:
                         set_alias(loaded.name, tracking.ALIAS_CHAMPION, loaded.version)
                     decision = {"promoted": ok, "reason": reason, "previous_champion": champion_version}
-                mlflow.set_tags({"gate.promoted": str(decision["promoted"]), "gate.reason": decision["reason"]})
+                mlflow.set_tags(
+                    {"gate.promoted": str(decision["promoted"]), "gate.reason": decision["reason"]}
+                )
         elif cfg.promote:
-            decision = {"promoted": False, "reason": "the model is not a registered version (use models:/...)"}
+            decision = {
+                "promoted": False,
+                "reason": "the model is not a registered version (use models:/...)",
+            }
     return {"scores": scores, "run_id": run.info.run_id, "model": loaded.uri, **decision}
