@@ -27,8 +27,17 @@ def configure(workdir: str | Path) -> str:
 
     uri = tracking_uri(workdir)
     WorkDir(workdir).root.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI;
+    # left there, the first work directory would win over every later one in this process
+    # (tracking_uri() reads the variable). Put the variables back as the user had them.
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return uri
 
 

@@ -1,0 +1,56 @@
+"""Config of `ldm serve`: which model, where to listen, how to scale, how much to queue, defaults.
+
+The API key is deliberately not here: configs are dumped and logged, a secret must not be. The server
+reads it from ``LDM_API_KEY``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ldm.config.base import ConfigBase
+
+
+class ServeConfig(ConfigBase):
+    workdir: str = "./ldm-demo"
+    model: str = "models:/ldm@champion"  # local folder, s3:// folder, models:/NAME@ALIAS, runs:/...
+    device: str = "cpu"
+
+    # HTTP (Ray Serve's proxy). port 0 picks a free port (the base URL is returned and printed).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    # Model replicas: autoscaling between min and max on ongoing requests per replica. Ray's default
+    # delays (30 s up, 600 s down) are far too slow for a small service (TRAPS.md).
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(1.0, gt=0)
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    # Backpressure: past max_ongoing_requests x replicas + max_queued_requests, callers get 503 at once.
+    # Ray's default queue is unlimited (a slow death under load), so it is always set here.
+    max_ongoing_requests: int = Field(2, ge=1)
+    max_queued_requests: int = Field(8, ge=0)
+    replica_num_cpus: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)  # per replica; CPU replicas should not fight over cores
+
+    # Defaults for request fields the client leaves out.
+    num_inference_steps: int = Field(25, ge=1, le=200)
+    guidance_scale: float = Field(4.0, ge=0.0, le=30.0)
+    scheduler: Literal["ddim", "dpmpp", "euler"] = "dpmpp"
+
+    # Ray: None joins RAY_ADDRESS if set, else starts a private local Ray with num_cpus.
+    ray_address: str | None = None
+    num_cpus: int | None = 2
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        return self

@@ -1,0 +1,144 @@
+"""`ldm.pipeline`: the one generation entry point, on a tiny real pipeline (32-px images, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.pipeline import (
+    SCHEDULERS,
+    generate,
+    load_pipeline,
+    make_grid,
+    make_scheduler,
+    output_size,
+    save_pipeline,
+)
+from ldm.testing import tiny_pipeline
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return tiny_pipeline(seed=0)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_default_size_is_unet_sample_size_times_vae_factor(pipe):
+    assert output_size(pipe) == 8 * 4 == 32
+    result = generate(pipe, "a red circle", seed=0, num_inference_steps=1)
+    assert [image.size for image in result.images] == [(32, 32)]
+    assert result.images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_same_seed_same_image_different_seed_different_image(pipe, scheduler):
+    first = generate(pipe, "a red circle", seed=7, num_inference_steps=STEPS, scheduler=scheduler)
+    again = generate(pipe, "a red circle", seed=7, num_inference_steps=STEPS, scheduler=scheduler)
+    other = generate(pipe, "a red circle", seed=8, num_inference_steps=STEPS, scheduler=scheduler)
+    assert first.seed == 7
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+    assert np.abs(pixels(first.images[0]) - pixels(other.images[0])).mean() > 5
+
+
+def test_batch_image_i_equals_single_image_with_seed_plus_i(pipe):
+    batch = generate(pipe, ["a red circle", "a blue square"], seed=3, num_images=2, num_inference_steps=STEPS)
+    assert len(batch.images) == 4  # prompt order, num_images per prompt: seeds 3, 4 | 5, 6
+    single = generate(pipe, "a blue square", seed=5, num_inference_steps=STEPS)
+    # Batched matmuls may round differently in the last bit; the images agree to one grey level.
+    assert np.abs(pixels(batch.images[2]) - pixels(single.images[0])).max() <= 2
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 5
+
+
+def test_schedulers_are_built_from_the_model_config_and_differ(pipe):
+    made = {name: make_scheduler(pipe, name) for name in SCHEDULERS}
+    assert {type(s).__name__ for s in made.values()} == {
+        "DDIMScheduler",
+        "DPMSolverMultistepScheduler",
+        "EulerDiscreteScheduler",
+    }
+    for scheduler in made.values():
+        assert scheduler.config.num_train_timesteps == 1000
+        assert scheduler.config.beta_schedule == "scaled_linear"
+    assert made["ddim"].config.set_alpha_to_one is False
+    ddim = generate(pipe, "x", seed=1, num_inference_steps=STEPS, scheduler="ddim").images[0]
+    euler = generate(pipe, "x", seed=1, num_inference_steps=STEPS, scheduler="euler").images[0]
+    assert not np.array_equal(pixels(ddim), pixels(euler))
+    # generate() never swaps the scheduler of the shared pipeline
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+
+
+def test_seed_none_picks_one_that_reproduces(pipe):
+    result = generate(pipe, "a green star", num_inference_steps=STEPS)
+    assert isinstance(result.seed, int) and result.seed >= 0
+    again = generate(pipe, "a green star", seed=result.seed, num_inference_steps=STEPS)
+    assert np.array_equal(pixels(result.images[0]), pixels(again.images[0]))
+
+
+def test_save_and_load_give_identical_images(pipe, tmp_path):
+    folder = save_pipeline(pipe, tmp_path / "model")
+    weights = sorted(
+        path.name for path in folder.rglob("*") if path.suffix in {".safetensors", ".bin", ".pt"}
+    )
+    assert weights and all(name.endswith(".safetensors") for name in weights)
+    loaded = load_pipeline(str(folder))
+    assert (loaded.name, loaded.version, loaded.uri) == ("model", None, str(folder))
+    for scheduler in SCHEDULERS:
+        a = generate(pipe, "a small red circle", seed=11, num_inference_steps=STEPS, scheduler=scheduler)
+        b = generate(
+            loaded.pipe, "a small red circle", seed=11, num_inference_steps=STEPS, scheduler=scheduler
+        )
+        assert np.array_equal(pixels(a.images[0]), pixels(b.images[0])), scheduler
+
+
+def test_load_refuses_folders_without_a_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_pipeline(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompts": []}, "prompts"),
+        ({"prompts": [3]}, "prompts"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**60}, "seed"),
+        ({"num_images": 0}, "num_images"),
+        ({"scheduler": "plms"}, "scheduler"),
+        ({"height": 30}, "height"),
+        ({"negative_prompt": None}, "negative_prompt"),
+    ],
+)
+def test_bad_arguments_raise_value_error(pipe, kwargs, match):
+    args = {"prompts": "x", "num_inference_steps": 1, **kwargs}
+    prompts = args.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        generate(pipe, prompts, **args)
+
+
+def test_explicit_size(pipe):
+    result = generate(pipe, "x", seed=0, num_inference_steps=1, height=64, width=32)
+    assert result.images[0].size == (32, 64)
+
+
+def test_make_grid(pipe):
+    images = generate(pipe, "x", seed=0, num_images=3, num_inference_steps=1).images
+    grid = make_grid(images, rows=2, cols=2)
+    assert grid.size == (64, 64)
+    assert np.array_equal(np.asarray(grid)[32:, :32], np.asarray(images[2]))
+    assert (np.asarray(grid)[32:, 32:] == 255).all()  # the empty cell stays white
+    with pytest.raises(ValueError, match="grid"):
+        make_grid(images, rows=1, cols=2)
