@@ -1,0 +1,152 @@
+"""The diffusion training objective: the one place where the noise schedule and the loss are defined.
+
+Forward process (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 4):
+
+    x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps,     eps ~ N(0, I)
+
+The network is trained to predict one of two targets (``PredictionType``):
+
+- ``"epsilon"``: the noise ``eps`` (Ho et al. 2020, eq. 14, the "simple" loss).
+- ``"v_prediction"``: the velocity ``v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0``
+  (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", sec. 4).
+
+and the per-sample squared error may be re-weighted (``LossWeighting``):
+
+- ``"none"``: plain mean squared error.
+- ``"min_snr"``: Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+  Strategy", eq. 9 ff.). With ``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`` the weight on the x_0 loss
+  is ``min(SNR, gamma)``; expressed on the epsilon loss that is ``min(SNR, gamma) / SNR`` and on the v
+  loss ``min(SNR, gamma) / (SNR + 1)``.
+
+The schedule is diffusers' ``DDPMScheduler`` (its ``add_noise`` and ``get_velocity`` implement the two
+equations above), so the exported pipeline samples with exactly the schedule that training used.
+The named schedule below never changes once shipped: a new schedule gets a new name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # imported lazily below: configs import the Literal types without loading diffusers
+    from diffusers import DDPMScheduler
+
+PredictionType = Literal["epsilon", "v_prediction"]
+LossWeighting = Literal["none", "min_snr"]
+
+# Stable Diffusion's schedule: "scaled_linear" betas (linear in sqrt(beta)) from 0.00085 to 0.012 over
+# 1000 steps. steps_offset=1, clip_sample=False and set_alpha_to_one=False are what the diffusers
+# pipelines expect; without them StableDiffusionPipeline rewrites the config with a warning (TRAPS.md).
+SCHEDULE_SD_SCALED_LINEAR: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
+def check_prediction_type(value: str) -> PredictionType:
+    if value not in get_args(PredictionType):
+        raise ValueError(f"unknown prediction_type {value!r}; expected one of {get_args(PredictionType)}")
+    return value  # type: ignore[return-value]
+
+
+def check_loss_weighting(value: str) -> LossWeighting:
+    if value not in get_args(LossWeighting):
+        raise ValueError(f"unknown loss_weighting {value!r}; expected one of {get_args(LossWeighting)}")
+    return value  # type: ignore[return-value]
+
+
+def make_noise_scheduler(prediction_type: PredictionType = "epsilon") -> DDPMScheduler:
+    """The training schedule (and the config every inference scheduler of the pipeline derives from)."""
+    from diffusers import DDPMScheduler
+
+    # from_config, not the constructor: set_alpha_to_one is a DDIM-only key that DDPMScheduler's
+    # constructor rejects, but it must stay in the saved config for the DDIM sampler built from it.
+    config = {**SCHEDULE_SD_SCALED_LINEAR, "prediction_type": check_prediction_type(prediction_type)}
+    return DDPMScheduler.from_config(config)
+
+
+def signal_to_noise_ratio(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), computed in float64, returned as float64 [B].
+
+    The cumulative product is redone in float64 from the betas: diffusers keeps ``alphas_cumprod`` in
+    float32, whose rounding reaches ~3e-5 relative error at large t.
+    """
+    alphas_cumprod = torch.cumprod(
+        1.0 - scheduler.betas.to(dtype=torch.float64, device=timesteps.device), dim=0
+    )
+    alpha_bar = alphas_cumprod[timesteps]
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: PredictionType) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023) for the loss on the given prediction target."""
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+    clipped = torch.clamp(snr, max=gamma)
+    if check_prediction_type(prediction_type) == "epsilon":
+        return clipped / snr
+    return clipped / (snr + 1.0)
+
+
+def training_target(
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    prediction_type: PredictionType,
+) -> torch.Tensor:
+    """What the network should output for ``x_t`` built from ``latents`` and ``noise``."""
+    if check_prediction_type(prediction_type) == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def training_loss(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    scheduler: DDPMScheduler,
+    *,
+    prediction_type: PredictionType = "epsilon",
+    loss_weighting: LossWeighting = "none",
+    snr_gamma: float = 5.0,
+    noise_offset: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One Monte-Carlo estimate of the diffusion loss for a batch; a scalar tensor with gradients.
+
+    ``latents`` [B, C, H, W] are already multiplied by the autoencoder's scaling factor;
+    ``text_embeddings`` [B, L, D] are the text encoder's last hidden state (the U-Net's cross-attention
+    context). ``noise_offset`` adds a per-channel constant to the noise (the "offset noise" trick that
+    lets the model shift an image's mean brightness); 0 disables it. Randomness (timesteps, noise)
+    comes only from ``generator`` so that a seeded call is reproducible.
+    """
+    check_prediction_type(prediction_type)
+    check_loss_weighting(loss_weighting)
+    batch, channels = latents.shape[:2]
+    device = latents.device
+
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if noise_offset:
+        offset = torch.randn((batch, channels, 1, 1), generator=generator, device=device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device
+    ).long()
+
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # x_t, Ho et al. eq. 4
+    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
+    prediction = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
+
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+    if loss_weighting == "min_snr":
+        weights = min_snr_weights(signal_to_noise_ratio(scheduler, timesteps), snr_gamma, prediction_type)
+        per_sample = per_sample * weights.to(per_sample.dtype)
+    return per_sample.mean()

@@ -1,0 +1,78 @@
+"""The U-Net config and builder (ldm/unet.py) and the train config (ldm/config/train.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.config.train import TrainConfig
+from ldm.unet import UNetConfig, build_unet
+
+
+def test_configs_round_trip_through_yaml(tmp_path):
+    from ldm.config import dump_config, load_config
+
+    cfg = TrainConfig(
+        unet=UNetConfig(block_out_channels=(32, 64, 64)), batch_size=32, prediction_type="v_prediction"
+    )
+    path = dump_config(cfg, tmp_path / "train.yaml")
+    assert load_config(TrainConfig, path) == cfg
+    assert UNetConfig.model_validate(cfg.unet.to_dict()) == cfg.unet
+    assert load_config(TrainConfig, path, sets=["unet.layers_per_block=2"]).unet.layers_per_block == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prediction_type": "sample"},
+        {"loss_weighting": "p2"},
+        {"batch_size": 63},  # not divisible by the 2 default workers
+        {"unet": {"block_out_channels": [64, 128]}},  # 2 levels, 3 block types
+        {"unet": {"block_out_channels": [48, 128, 128]}},  # not divisible by 32 groups
+        {"unet": {"down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]}},
+        {"no_such_key": 1},
+    ],
+)
+def test_bad_train_config_raises(bad):
+    with pytest.raises(ValueError):
+        TrainConfig.model_validate(bad)
+
+
+def test_default_unet_has_cross_attention_only_at_8x8_and_mid_for_16x16_latents():
+    torch.manual_seed(0)
+    unet = build_unet(UNetConfig(), sample_size=16, in_channels=4, cross_attention_dim=128)
+    params = sum(p.numel() for p in unet.parameters())
+    assert 5.0e6 < params < 6.0e6, params
+
+    blocks = {f"down{i}": block for i, block in enumerate(unet.down_blocks)}
+    blocks["mid"] = unet.mid_block
+    blocks.update({f"up{i}": block for i, block in enumerate(unet.up_blocks)})
+
+    # Record the spatial size each block runs at.
+    seen: dict[str, int] = {}
+    hooks = [
+        block.register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: seen.__setitem__(
+                name, kwargs.get("hidden_states", *args[:1]).shape[-1]
+            ),
+            with_kwargs=True,
+        )
+        for name, block in blocks.items()
+    ]
+    with torch.no_grad():
+        out = unet(
+            torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 8, 128)
+        )
+    for hook in hooks:
+        hook.remove()
+    assert out.sample.shape == (2, 4, 16, 16)
+    assert seen == {"down0": 16, "down1": 8, "down2": 4, "mid": 4, "up0": 4, "up1": 8, "up2": 16}
+    with_cross_attention = {
+        name for name, block in blocks.items() if getattr(block, "has_cross_attention", False)
+    }
+    assert with_cross_attention == {"down1", "mid", "up1"}
+
+
+def test_build_unet_rejects_latents_that_do_not_divide():
+    with pytest.raises(ValueError, match="not divisible"):
+        build_unet(UNetConfig(), sample_size=10, in_channels=4, cross_attention_dim=32)
