@@ -1,0 +1,65 @@
+"""Config of `ldm bootstrap`: the small first-stage models trained on the synthetic source.
+
+Each model section keeps its architecture keys (which must match a saved model for it to be reused)
+apart from its run keys (steps, batch, learning rate). The defaults are sized so that CLIP and the
+autoencoder together train in about six minutes on two CPU cores and pass both quality gates.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ldm.config.base import ConfigBase
+
+
+class ClipConfig(ConfigBase):
+    """A small open_clip CLIP: a 64-px ViT and a short-context text transformer."""
+
+    # architecture
+    embed_dim: int = 128
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 3
+    text_width: int = 128
+    text_layers: int = 3
+    head_width: int = 32  # per attention head, both towers
+    context_length: int = 32  # captions of the synthetic source are short
+    # run
+    steps: int = 600
+    batch_size: int = 64  # measured: 600 x 64 beats 300 x 128 in the same time (AUC 0.983)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    eval_pairs: int = 512  # held-out pairs for the ROC AUC gate
+
+
+class AutoencoderConfig(ConfigBase):
+    """A diffusers AutoencoderKL: 64 px -> 4 x 16 x 16 latents with three blocks."""
+
+    # architecture
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    image_size: int = 64
+    # run
+    steps: int = 900
+    batch_size: int = 16
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    eval_images: int = 256  # held-out renders for the PSNR gate
+    scaling_images: int = 1024  # training images whose latent std sets the scaling factor
+
+
+class BootstrapConfig(ConfigBase):
+    workdir: str = "./ldm-demo"
+    seed: int = 0
+    num_train_images: int = 20000
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    # quality gates: training that ends below them raises BootstrapGateError
+    min_clip_auc: float = 0.98
+    min_psnr_db: float = 28.0
+    threads: int = 2
+    force: bool = False  # retrain even when a model with the same config is already there

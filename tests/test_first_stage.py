@@ -1,0 +1,304 @@
+"""First-stage models: tiny CLIP, autoencoder and text encoder built, trained a few steps, saved, loaded.
+
+Every model here is a few hundred thousand parameters at most and trains for a handful of steps; the
+point is the plumbing (formats, loaders, the open_clip <-> transformers mapping, bootstrap reuse and
+gates), not quality. The quality gates are measured by running `run_bootstrap` with its defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.config.base import load_config
+from ldm.config.bootstrap import AutoencoderConfig, BootstrapConfig, ClipConfig
+from ldm.contract import WorkDir
+from ldm.first_stage import autoencoder as ae
+from ldm.first_stage import clip
+from ldm.first_stage import text_encoder as te
+from ldm.first_stage.bootstrap import BootstrapGateError, run_bootstrap
+from ldm.storage import write_bytes
+from ldm.synth.render import render_batch
+
+torch.set_num_threads(1)  # tiny models: a second thread buys little and suffers most when cores are shared
+
+TINY_CLIP = ClipConfig(
+    embed_dim=32, vision_width=32, vision_layers=1, text_width=32, text_layers=2, head_width=16,
+    context_length=16, steps=12, batch_size=16, warmup_steps=2, eval_pairs=32,
+)  # fmt: skip
+TINY_AE = AutoencoderConfig(block_out_channels=(8, 16, 16), norm_num_groups=8, steps=12, batch_size=4, eval_images=8,
+                            scaling_images=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def renders():
+    images, captions, scenes = render_batch(48, seed=3)
+    return images, captions
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A moto S3 server on 127.0.0.1 with one bucket; yields a function that uploads a local folder."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:  # a free port on the loopback interface
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+        }
+    )
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
+        Bucket="models"
+    )
+
+    def upload(folder, prefix: str) -> str:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            write_bytes(f"s3://models/{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+        return f"s3://models/{prefix}"
+
+    yield upload
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _no_pickles(folder) -> None:
+    suffixes = {p.suffix for p in folder.rglob("*") if p.is_file()}
+    assert not suffixes & {".bin", ".pt", ".pth", ".pkl", ".ckpt"}, suffixes
+
+
+# --- config ---------------------------------------------------------------------------------------
+def test_bootstrap_config_round_trip(tmp_path):
+    cfg = BootstrapConfig(clip=TINY_CLIP, autoencoder=TINY_AE, min_clip_auc=0.5)
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(BootstrapConfig, path, sets=["autoencoder.steps=7"])
+    assert again.autoencoder.steps == 7
+    assert again.model_copy(update={"autoencoder": TINY_AE}) == cfg
+    with pytest.raises(ValueError):
+        load_config(BootstrapConfig, sets=["clip.stepz=3"])
+
+
+# --- CLIP -----------------------------------------------------------------------------------------
+def test_clip_save_load_round_trip_and_score(tmp_path, renders):
+    images, captions = renders
+    torch.manual_seed(0)
+    bundle = clip.bundle_for(clip.build_clip(TINY_CLIP))
+    bundle.model.eval()
+    clip.save_clip(bundle, tmp_path / "clip")
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == [
+        "model.safetensors",
+        "open_clip_config.json",
+    ]
+
+    loaded = clip.load_clip(str(tmp_path / "clip"))
+    scores = clip.clip_score(loaded, images[:8], captions[:8])
+    assert scores.dtype == np.float32 and scores.shape == (8,)
+    assert np.all(np.abs(scores) <= 1.0 + 1e-6)
+    np.testing.assert_allclose(scores, clip.clip_score(bundle, images[:8], captions[:8]), atol=1e-6)
+    assert loaded.tokenizer(["a red circle"]).shape == (1, TINY_CLIP.context_length)
+
+    with pytest.raises(ValueError, match="uint8"):
+        clip.clip_score(loaded, images[:2].astype(np.float32), captions[:2])
+    with pytest.raises(ValueError, match="captions"):
+        clip.clip_score(loaded, images[:2], captions[:3])
+    with pytest.raises(FileNotFoundError):
+        clip.load_clip(str(tmp_path))
+
+
+def test_clip_preprocess_resizes_and_crops_other_sizes():
+    preprocess = clip.ImagePreprocess(64, clip.DEFAULT_MEAN, clip.DEFAULT_STD)
+    wide = np.zeros((2, 32, 96, 3), dtype=np.uint8)
+    wide[:, :, 40:56] = 255  # scaled x2 to 64 x 192 and cropped to columns 64..128: white at 16..48
+    pixels = preprocess(wide)
+    assert pixels.shape == (2, 3, 64, 64)
+    unnormalised = pixels * preprocess.std + preprocess.mean
+    assert unnormalised[0, :, :, 32].min() > 0.95 and unnormalised[0, :, :, 0].max() < 0.05
+
+
+def test_clip_production_spec_with_registered_architecture(tmp_path, renders, s3_bucket):
+    """``open_clip:ARCH@WEIGHTS``: a registered architecture name and a safetensors file, local and S3."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    images, captions = renders
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "ldm-test-tiny.json").write_text(json.dumps(clip.clip_model_config(TINY_CLIP)))
+    open_clip.add_model_config(config_dir)
+    torch.manual_seed(1)
+    reference = open_clip.create_model("ldm-test-tiny", output_dict=True).eval()
+    weights = tmp_path / "weights" / "open_clip_model.safetensors"
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+
+    expected = None
+    for spec in (
+        f"open_clip:ldm-test-tiny@{weights}",
+        f"open_clip:ldm-test-tiny@{s3_bucket(weights.parent, 'prod')}/open_clip_model.safetensors",
+    ):
+        bundle = clip.load_clip(spec)
+        scores = clip.clip_score(bundle, images[:6], captions[:6])
+        if expected is None:
+            with torch.no_grad():
+                tokens = open_clip.get_tokenizer("ldm-test-tiny")(captions[:6])
+                image_features = reference.encode_image(bundle.preprocess(images[:6]), normalize=True)
+                text_features = reference.encode_text(tokens, normalize=True)
+            expected = (image_features * text_features).sum(-1).numpy()
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+    with pytest.raises(ValueError, match="ARCH@WEIGHTS"):
+        clip.load_clip("open_clip:ldm-test-tiny")
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        clip.load_clip(f"open_clip:no-such-arch@{weights}")
+
+
+def test_clip_training_lowers_the_loss_and_auc_is_measured(renders):
+    images, captions = renders
+    torch.manual_seed(0)
+    bundle = clip.bundle_for(clip.build_clip(TINY_CLIP))
+    cfg = TINY_CLIP.model_copy(update={"steps": 30, "lr": 3e-3})
+    losses = clip.train_clip(bundle, images, captions, cfg, seed=0, log=lambda _: None)
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+    assert clip.roc_auc(np.array([0.9, 0.8]), np.array([0.1, 0.8])) == pytest.approx(0.875)
+    auc = clip.matched_vs_mismatched_auc(bundle, images[:16], captions[:16], captions[16:32])
+    assert 0.0 <= auc <= 1.0
+
+
+# --- text encoder ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_text_tower_conversion_matches_open_clip(tmp_path, renders, quick_gelu):
+    from open_clip.model import CLIP
+
+    from ldm.text import encode_captions
+
+    _, captions = renders
+    torch.manual_seed(0)
+    model_cfg = clip.clip_model_config(TINY_CLIP) | {"quick_gelu": quick_gelu}
+    clip_model = CLIP(**model_cfg).eval()
+    text_model = te.clip_text_tower_to_transformers(clip_model)
+    assert text_model.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    assert te.max_hidden_state_difference(clip_model, text_model, captions[:8] + [""]) < 1e-5
+
+    # the pooled output (hidden state at the first end-of-text) projected = open_clip's text features
+    tokenizer = te.build_text_tokenizer(clip_model)
+    ids = tokenizer(captions[:4], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = text_model(ids).pooler_output @ clip_model.text_projection
+        torch.testing.assert_close(pooled, clip_model.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+    te.save_text_encoder(tokenizer, text_model, tmp_path)
+    _no_pickles(tmp_path)
+    loaded_tokenizer, loaded = te.load_text_encoder(str(tmp_path))
+    assert loaded_tokenizer.model_max_length == TINY_CLIP.context_length
+    torch.testing.assert_close(
+        encode_captions(loaded_tokenizer, loaded, captions[:3]),
+        encode_captions(tokenizer, text_model, captions[:3]),
+    )
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        te.load_text_encoder(str(tmp_path / "tokenizer"))
+
+
+# --- autoencoder ----------------------------------------------------------------------------------
+def test_autoencoder_shapes_save_load_and_layouts(tmp_path, renders, s3_bucket):
+    images, _ = renders
+    torch.manual_seed(0)
+    vae = ae.build_autoencoder(TINY_AE).eval()
+    latents = ae.encode_images(vae, images[:5])
+    assert latents.shape == (5, 4, 16, 16) and latents.dtype == torch.float32
+    decoded = ae.decode_latents(vae, latents)
+    assert decoded.shape == (5, 64, 64, 3) and decoded.dtype == np.uint8
+    # encode returns the posterior MEAN: deterministic
+    torch.testing.assert_close(ae.encode_images(vae, images[:5]), latents)
+
+    factor = ae.latent_scaling_factor(vae, images)
+    assert factor == pytest.approx(1.0 / ae.encode_images(vae, images).std().item())
+    vae.register_to_config(scaling_factor=factor)
+    ae.save_autoencoder(vae, tmp_path / "sd" / "vae")  # Stable Diffusion layout: <pipeline>/vae/
+    _no_pickles(tmp_path)
+    for spec in (str(tmp_path / "sd" / "vae"), str(tmp_path / "sd"), s3_bucket(tmp_path / "sd", "sd")):
+        loaded = ae.load_autoencoder(spec)
+        assert loaded.config.scaling_factor == pytest.approx(factor)
+        torch.testing.assert_close(ae.encode_images(loaded, images[:5]), latents)
+
+    with pytest.raises(ValueError, match="latents"):
+        ae.decode_latents(vae, torch.zeros(1, 3, 16, 16))
+    with pytest.raises(FileNotFoundError):
+        ae.load_autoencoder(str(tmp_path))
+
+
+def test_autoencoder_training_lowers_the_loss(renders):
+    images, _ = renders
+    torch.manual_seed(0)
+    vae = ae.build_autoencoder(TINY_AE)
+    before = ae.reconstruction_psnr(vae.eval(), images[:8])
+    losses = ae.train_autoencoder(
+        vae, images, TINY_AE.model_copy(update={"steps": 25, "lr": 3e-3}), log=lambda _: None
+    )
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert ae.reconstruction_psnr(vae, images[:8]) > before + 1.0
+
+
+# --- bootstrap job --------------------------------------------------------------------------------
+def test_bootstrap_writes_reuses_and_gates(tmp_path):
+    cfg = BootstrapConfig(workdir=str(tmp_path / "work"), num_train_images=64, clip=TINY_CLIP, autoencoder=TINY_AE,
+                          min_clip_auc=0.0, min_psnr_db=0.0, threads=1)  # fmt: skip
+    messages: list[str] = []
+    result = run_bootstrap(cfg, log=messages.append)
+    work = WorkDir(cfg.workdir)
+    assert (
+        result["clip"]["trained"] and result["autoencoder"]["trained"] and result["text_encoder"]["trained"]
+    )
+    assert result["clip"]["loss_last"] < result["clip"]["loss_first"]
+    assert result["autoencoder"]["loss_last"] < result["autoencoder"]["loss_first"]
+    assert 0.0 <= result["clip"]["roc_auc"] <= 1.0 and result["autoencoder"]["psnr_db"] > 0
+    assert result["text_encoder"]["max_abs_difference"] < 1e-5
+    for folder in (work.clip, work.autoencoder, work.text_encoder):
+        assert json.loads((folder / "metrics.json").read_text())["digest"]
+    assert any("[clip] step" in m for m in messages) and any("PSNR" in m for m in messages)
+    _no_pickles(work.models)
+
+    # the loaders others use read what bootstrap wrote
+    vae = ae.load_autoencoder(str(work.autoencoder))
+    assert vae.config.scaling_factor == pytest.approx(result["autoencoder"]["scaling_factor"])
+    tokenizer, text_model = te.load_text_encoder(str(work.models))
+    assert text_model.config.max_position_embeddings == tokenizer.model_max_length == TINY_CLIP.context_length
+    assert clip.load_clip(str(work.clip)).model_cfg == clip.clip_model_config(TINY_CLIP)
+
+    # same config again: nothing retrains
+    started = time.perf_counter()
+    again = run_bootstrap(cfg, log=lambda _: None)
+    assert not (
+        again["clip"]["trained"] or again["autoencoder"]["trained"] or again["text_encoder"]["trained"]
+    )
+    assert again["clip"]["roc_auc"] == result["clip"]["roc_auc"]
+    assert time.perf_counter() - started < 10
+
+    # a gate above the figure fails with a message naming the figure and the threshold
+    with pytest.raises(BootstrapGateError, match=r"PSNR.*below the gate 99"):
+        run_bootstrap(cfg.model_copy(update={"min_psnr_db": 99.0}), log=lambda _: None)
+
+    # a changed autoencoder section retrains the autoencoder only
+    changed = cfg.model_copy(update={"autoencoder": TINY_AE.model_copy(update={"steps": 5})})
+    third = run_bootstrap(changed, log=lambda _: None)
+    assert third["autoencoder"]["trained"] and not third["clip"]["trained"]
