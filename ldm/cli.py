@@ -396,6 +396,38 @@ def jobs_stop(submission_id: str, address: AddressOpt) -> None:
     typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
 
 
+@app.command()
+def retrain(
+    config: ConfigOpt = None,
+    workdir: WorkdirOpt = None,
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Prefix of the source shards (pairs files, local or s3://)."),
+    ] = None,
+    root: Annotated[
+        str | None,
+        typer.Option("--root", help="Where cycles keep data and records. [default: WORKDIR/retrain]"),
+    ] = None,
+    floor: Annotated[
+        float | None, typer.Option("--floor", min=0.0, max=1.0, help="Lowest overall score to promote.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """One retraining cycle: ingest new shards, fine-tune from champion, evaluate, promote if the gate passes."""
+    from ldm.config.retrain import RetrainConfig
+
+    def job() -> None:
+        from pipelines.retrain import run_retrain
+
+        cfg = _load(
+            RetrainConfig, config, set_, workdir=workdir, source=source, root=root, **{"eval.floor": floor}
+        )
+        _save_config(cfg, "retrain")
+        typer.echo(json.dumps(run_retrain(cfg), indent=2, default=str))
+
+    _run(job)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
 

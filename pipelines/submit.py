@@ -9,15 +9,43 @@ log shows it. Authentication is Ray's own: ``JobSubmissionClient`` adds the bear
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ldm.errors import LdmError
+
 SUBMITTABLE = ("ingest", "train", "eval", "retrain")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class ClusterError(LdmError):
+    """The Jobs API refused or could not be reached: wrong or missing token, wrong address."""
+
+
+@contextlib.contextmanager
+def cluster_errors(address: str) -> Iterator[None]:
+    """Turn Ray's authentication and connection failures into one `ClusterError` line.
+
+    Ray's own message says whether the token was missing (401) or wrong (403); it never contains the
+    token, and neither does this one.
+    """
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as error:
+        detail = " ".join(str(error).split())
+        raise ClusterError(
+            f"{address} refused the request: {detail} Set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, "
+            "~/.ray/auth_token) to the cluster's token and RAY_AUTH_MODE=token."
+        ) from None
+    except ConnectionError as error:
+        raise ClusterError(f"cannot reach the Ray Jobs API at {address}: {error}") from None
 
 
 def config_class(job: str) -> type:
@@ -60,9 +88,11 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]
 
 
 def client(address: str):
+    """A `JobSubmissionClient`; it reads the token as Ray does (connecting checks it at once)."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    with cluster_errors(address):
+        return JobSubmissionClient(address)
 
 
 def submit(
@@ -79,7 +109,14 @@ def submit(
 ) -> str:
     """Submit ``job`` with ``config``; returns the submission id."""
     runtime_env: dict[str, Any] = {
-        "env_vars": {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", **(env_vars or {})}
+        "env_vars": {
+            "HF_HUB_OFFLINE": "1",
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            # The job's driver calls ray.init with its own runtime_env (`ldm.runtime.ensure_ray`);
+            # Ray refuses two runtime_envs that set the same variable unless told to merge them.
+            "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
+            **(env_vars or {}),
+        }
     }
     if working_dir:
         if not Path(working_dir).is_dir():
@@ -87,14 +124,16 @@ def submit(
         runtime_env["working_dir"] = working_dir
         runtime_env["excludes"] = [".venv", ".git", "ldm-demo", "**/__pycache__", "*.db", "mlartifacts"]
     submission_id = submission_id or f"ldm-{job}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return client(address).submit_job(
-        entrypoint=entrypoint(job, config, python),
-        submission_id=submission_id,
-        runtime_env=runtime_env,
-        entrypoint_num_cpus=entrypoint_num_cpus,
-        entrypoint_num_gpus=entrypoint_num_gpus,
-        metadata={"ldm.job": job},
-    )
+    jobs = client(address)
+    with cluster_errors(address):
+        return jobs.submit_job(
+            entrypoint=entrypoint(job, config, python),
+            submission_id=submission_id,
+            runtime_env=runtime_env,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
+            metadata={"ldm.job": job},
+        )
 
 
 def follow(address: str, submission_id: str, timeout_s: float = 3600, echo=print) -> str:

@@ -1,0 +1,178 @@
+"""`ldm submit` and `ldm jobs` against a real Ray head with token authentication, on 127.0.0.1.
+
+The head is a `ray start --head --block` child process in its own process group, with a freshly
+generated token; the test kills exactly that group at the end (never `ray stop`, which would stop
+every Ray on the machine). The client runs the real console script in a subprocess with the token in
+its environment, as an operator's shell would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from ops_fixtures import render_shard, tiny_ingest, tiny_train
+
+from ldm.config import dump_config
+from ldm.config.ingest import IngestConfig
+from ldm.contract import MANIFEST_FILE
+from pipelines.submit import entrypoint
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _client_env(token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
+    return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A token-protected Ray head on 127.0.0.1; yields (dashboard address, token)."""
+    token = secrets.token_hex(32)
+    # Ray's socket paths must stay under ~107 characters: a short private temp dir, not tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="ldmray-")
+    dashboard_port = _free_port()
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dashboard_port,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+    }
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats"]
+    command += ["--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir]
+    command += [str(item) for pair in ports.items() for item in pair]
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - closed below
+    head = subprocess.Popen(
+        command, env=_client_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                # Any answer means the dashboard is up; without a token it must be a 401.
+                if requests.get(f"{address}/api/version", timeout=2).status_code == 401:
+                    break
+            except requests.ConnectionError:
+                pass
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not come up:\n{(Path(temp_dir) / 'head.log').read_text()}")
+            time.sleep(1)
+        yield address, token
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # exactly the group this test started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ldm(*args: str, token: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ldm"), *args],
+        env=_client_env(token),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_entrypoint_ships_the_checked_config_as_overrides():
+    cfg = IngestConfig(workdir="/w", input="/in.parquet", allow_hosts=["a", "b"])
+    command = entrypoint("ingest", cfg, python="/venv/bin/python")
+    assert command.startswith("/venv/bin/python -m ldm.cli ingest ")
+    assert '--set \'allow_hosts=["a", "b"]\'' in command and "--set 'input=\"/in.parquet\"'" in command
+    assert "output=" not in command  # None fields stay at the job's defaults
+
+
+@pytest.mark.slow  # a Ray head and two jobs: ~1.5-2 minutes on 2 busy cores
+def test_submit_ingest_and_train_to_a_token_protected_head(ray_head, tmp_path):
+    from ingest_fixtures import write_tiny_models
+    from mlflow import MlflowClient
+
+    from ldm import tracking
+    from ldm.synth.server import ImageServer
+    from ldm.synth.source import write_pairs
+
+    address, token = ray_head
+    work = write_tiny_models(tmp_path / "work")
+    outputs: list[str] = []
+
+    with ImageServer(render_shard(tmp_path / "synth", seed=0, num_pairs=10)) as server:
+        pairs = write_pairs(tmp_path / "synth", server.base_url)
+        ingest_yaml = dump_config(tiny_ingest(work.root, input=str(pairs)), tmp_path / "ingest.yaml")
+        done = _ldm(
+            "submit", "ingest", "--address", address, "--config", str(ingest_yaml),
+            "--python", sys.executable, "--submission-id", "t-ingest", "--wait", token=token,
+        )  # fmt: skip
+    outputs += [done.stdout, done.stderr]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted t-ingest" in done.stdout and "t-ingest: SUCCEEDED" in done.stdout
+    manifest = json.loads((work.data / MANIFEST_FILE).read_text())
+    assert manifest["counts"]["input"] == 10 and manifest["counts"]["accepted"] == 9  # one dead URL
+
+    train_yaml = dump_config(tiny_train(work.root, run_name="submitted"), tmp_path / "train.yaml")
+    done = _ldm(
+        "submit", "train", "--address", address, "--config", str(train_yaml),
+        "--python", sys.executable, "--submission-id", "t-train", "--entrypoint-num-cpus", "0.1",
+        "--wait", token=token,
+    )  # fmt: skip
+    outputs += [done.stdout, done.stderr]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "t-train: SUCCEEDED" in done.stdout
+
+    listed = _ldm("jobs", "list", "--address", address, token=token)
+    status = _ldm("jobs", "status", "t-train", "--address", address, token=token)
+    outputs += [listed.stdout, listed.stderr, status.stdout, status.stderr]
+    jobs = {
+        json.loads(line)["submission_id"]: json.loads(line)["status"] for line in listed.stdout.splitlines()
+    }
+    assert jobs == {"t-ingest": "SUCCEEDED", "t-train": "SUCCEEDED"}
+    assert status.stdout.strip() == "SUCCEEDED"
+
+    # The jobs logged to the work directory's MLflow: one ingest run, one train run with a model.
+    tracking.configure(work.root)
+    client = MlflowClient()
+    runs = {
+        name: client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        for name in ("ingest", "train")
+    }
+    assert [r.info.status for r in runs["ingest"]] == ["FINISHED"]
+    assert runs["ingest"][0].data.metrics["accepted_rows"] == 9
+    (train_run,) = runs["train"]
+    assert train_run.info.status == "FINISHED" and train_run.info.run_name == "submitted"
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")] == [1, 2, 3]
+    assert client.get_model_version_by_alias("ldm", "candidate").run_id == train_run.info.run_id
+
+    # A wrong token: one clear line, exit 2, nothing submitted; no token printed anywhere.
+    wrong = "0" * 64
+    refused = _ldm("submit", "ingest", "--address", address, "--workdir", str(work.root), token=wrong)
+    assert refused.returncode == 2
+    assert "refused the request" in refused.stderr and "invalid" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stdout == ""
+    assert wrong not in refused.stderr
+    assert all(token not in text for text in outputs)
