@@ -356,20 +356,27 @@ jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and sto
 app.add_typer(jobs_app, name="jobs")
 
 
+def _jobs(address: str, action) -> None:
+    """Run one Jobs API call with the same one-line errors as `ldm submit` (the token is never printed)."""
+    from pipelines import submit as jobs_api
+
+    def job() -> None:
+        with jobs_api.cluster_errors(address):
+            action(jobs_api)
+
+    _run(job)
+
+
 @jobs_app.command("list")
 def jobs_list(address: AddressOpt) -> None:
     """All jobs of the cluster, newest last."""
-    from pipelines import submit as jobs_api
-
-    for info in jobs_api.list_jobs(address):
-        typer.echo(json.dumps(info, default=str))
+    _jobs(address, lambda api: [typer.echo(json.dumps(info, default=str)) for info in api.list_jobs(address)])
 
 
 @jobs_app.command("status")
 def jobs_status(submission_id: str, address: AddressOpt) -> None:
-    from pipelines import submit as jobs_api
-
-    typer.echo(str(jobs_api.client(address).get_job_status(submission_id).value))
+    """The job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    _jobs(address, lambda api: typer.echo(str(api.client(address).get_job_status(submission_id).value)))
 
 
 @jobs_app.command("logs")
@@ -378,22 +385,28 @@ def jobs_logs(
     address: AddressOpt,
     follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
 ) -> None:
-    from pipelines import submit as jobs_api
+    """The job's logs so far, or streamed until it ends with --follow."""
 
-    if follow:
-        typer.echo(
-            jobs_api.follow(address, submission_id, echo=lambda text, end="": typer.echo(text, nl=False))
-        )
-    else:
-        typer.echo(jobs_api.client(address).get_job_logs(submission_id), nl=False)
+    def action(api) -> None:
+        if follow:
+            typer.echo(
+                api.follow(address, submission_id, echo=lambda text, end="": typer.echo(text, nl=False))
+            )
+        else:
+            typer.echo(api.client(address).get_job_logs(submission_id), nl=False)
+
+    _jobs(address, action)
 
 
 @jobs_app.command("stop")
 def jobs_stop(submission_id: str, address: AddressOpt) -> None:
-    from pipelines import submit as jobs_api
+    """Ask the cluster to stop the job."""
 
-    stopped = jobs_api.client(address).stop_job(submission_id)
-    typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
+    def action(api) -> None:
+        stopped = api.client(address).stop_job(submission_id)
+        typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
+
+    _jobs(address, action)
 
 
 @app.command()
