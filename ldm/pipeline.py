@@ -10,7 +10,11 @@ wherever it runs. Sampling itself is diffusers' `StableDiffusionPipeline` with d
   image on a GPU, up to float rounding);
 - a fresh scheduler per call, built from the model's own scheduler config, so concurrent requests
   on one loaded pipeline never share scheduler state;
-- loading from a local folder, an ``s3://`` folder or an MLflow model URI, safetensors only.
+- loading from a local folder, an ``s3://`` folder or an MLflow model URI, safetensors only;
+- `generate_batch`: compatible requests (same steps, guidance, scheduler, size) as one pipeline call,
+  each with its own prompt, negative prompt and seed (the server's dynamic batching);
+- `generate_img2img`: image-to-image over the same components (`StableDiffusionImg2ImgPipeline`);
+- `check_pipeline`: a one-step probe that fails on non-finite pixels (the server's health check).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -172,6 +177,32 @@ def output_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def _check_size(pipe, height: int | None, width: int | None) -> None:
+    multiple = max(8, pipe.vae_scale_factor)
+    for label, side in (("height", height), ("width", width)):
+        if side is not None and (
+            isinstance(side, bool) or not isinstance(side, int) or side < multiple or side % multiple
+        ):
+            raise ValueError(f"{label} must be a positive multiple of {multiple}, got {side!r}")
+
+
+def _pick_seed(seed: int | None, total: int) -> int:
+    # Picking the seed is the only randomness outside torch.
+    return secrets.randbelow(MAX_SEED - total) if seed is None else seed
+
+
+def _view(pipe, scheduler: SchedulerName, cls=None):
+    """A per-call pipeline sharing the (read-only) modules of ``pipe`` but with its own scheduler.
+
+    Concurrent calls never step each other's scheduler state; ``cls`` picks another pipeline class
+    over the same components (image-to-image).
+    """
+    components = {**pipe.components, "scheduler": make_scheduler(pipe, scheduler)}
+    view = (cls or type(pipe))(**components, requires_safety_checker=False)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
 def generate(
     pipe,
     prompts: list[str] | str,
@@ -192,23 +223,12 @@ def generate(
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _validate(prompts, negative_prompt, num_inference_steps, guidance_scale, seed, num_images, scheduler)
-    multiple = max(8, pipe.vae_scale_factor)
-    for label, side in (("height", height), ("width", width)):
-        if side is not None and (
-            isinstance(side, bool) or not isinstance(side, int) or side < multiple or side % multiple
-        ):
-            raise ValueError(f"{label} must be a positive multiple of {multiple}, got {side!r}")
+    _check_size(pipe, height, width)
     total = len(prompts) * num_images
-    if seed is None:
-        seed = secrets.randbelow(MAX_SEED - total)  # picking the seed is the only randomness outside torch
+    seed = _pick_seed(seed, total)
     # CPU generators: the same seed means the same initial noise on any device.
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(total)]
-    # A per-call pipeline view sharing the (read-only) modules but with its own scheduler, so
-    # concurrent calls never step each other's scheduler state.
-    components = {**pipe.components, "scheduler": make_scheduler(pipe, scheduler)}
-    view = type(pipe)(**components, requires_safety_checker=False)
-    view.set_progress_bar_config(disable=True)
-    output = view(
+    output = _view(pipe, scheduler)(
         prompt=prompts,
         negative_prompt=[negative_prompt] * len(prompts),
         num_inference_steps=num_inference_steps,
@@ -220,6 +240,143 @@ def generate(
         output_type="pil",
     )
     return GenerationResult(images=list(output.images), seed=seed)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One text-to-image request, the unit that `generate_batch` merges with compatible others."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 25
+    guidance_scale: float = 4.0
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: SchedulerName = "dpmpp"
+    height: int | None = None
+    width: int | None = None
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call (one sampler, one guidance, one size)."""
+        return (self.num_inference_steps, float(self.guidance_scale), self.scheduler, self.height, self.width)
+
+
+def generate_batch(pipe, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Run compatible requests (equal `GenerationRequest.batch_key`) as ONE pipeline call.
+
+    Each request keeps its own prompt, negative prompt, seed and ``num_images``; image ``i`` of a
+    request is drawn from a generator seeded ``request.seed + i``, exactly as in `generate`, so a
+    batched image equals the image the request would get alone (up to the last-bit rounding of batched
+    matmuls). This is what the server's dynamic batching calls.
+    """
+    if not requests:
+        raise ValueError("requests must not be empty")
+    keys = {request.batch_key() for request in requests}
+    if len(keys) > 1:
+        raise ValueError(f"requests in one batch must share steps, guidance, scheduler and size, got {keys}")
+    for request in requests:
+        _validate(
+            [request.prompt],
+            request.negative_prompt,
+            request.num_inference_steps,
+            request.guidance_scale,
+            request.seed,
+            request.num_images,
+            request.scheduler,
+        )
+    first = requests[0]
+    _check_size(pipe, first.height, first.width)
+    seeds = [_pick_seed(request.seed, request.num_images) for request in requests]
+    # One row per image: prompts repeated num_images times, so every image has its own generator.
+    prompts, negatives, generators = [], [], []
+    for request, seed in zip(requests, seeds, strict=True):
+        prompts += [request.prompt] * request.num_images
+        negatives += [request.negative_prompt] * request.num_images
+        generators += [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
+    output = _view(pipe, first.scheduler)(
+        prompt=prompts,
+        negative_prompt=negatives,
+        num_inference_steps=first.num_inference_steps,
+        guidance_scale=float(first.guidance_scale),
+        num_images_per_prompt=1,
+        generator=generators,
+        height=first.height,
+        width=first.width,
+        output_type="pil",
+    )
+    results, start = [], 0
+    for request, seed in zip(requests, seeds, strict=True):
+        images = list(output.images[start : start + request.num_images])
+        results.append(GenerationResult(images=images, seed=seed))
+        start += request.num_images
+    return results
+
+
+def generate_img2img(
+    pipe,
+    init_image: Image.Image,
+    prompt: str,
+    *,
+    strength: float = 0.6,
+    negative_prompt: str = "",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    seed: int | None = None,
+    num_images: int = 1,
+    scheduler: SchedulerName = "dpmpp",
+) -> GenerationResult:
+    """Image-to-image: noise ``init_image`` to ``strength`` (0 < strength <= 1) and denoise toward ``prompt``.
+
+    diffusers' `StableDiffusionImg2ImgPipeline` over the same components as ``pipe`` (no second copy
+    of the weights). The init image is converted to RGB and resized to the model's output size; the
+    sampler runs ``int(num_inference_steps * strength)`` steps, which must be at least 1.
+    Seeds work as in `generate`: image ``i`` uses ``seed + i``.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    _validate([prompt], negative_prompt, num_inference_steps, guidance_scale, seed, num_images, scheduler)
+    if not isinstance(init_image, Image.Image):
+        raise ValueError(f"init_image must be a PIL image, got {type(init_image).__name__}")
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    if int(num_inference_steps * strength) < 1:
+        raise ValueError(
+            f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising step"
+        )
+    side = output_size(pipe)
+    image = init_image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+    seed = _pick_seed(seed, num_images)
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+    output = _view(pipe, scheduler, StableDiffusionImg2ImgPipeline)(
+        prompt=[prompt],
+        image=image,
+        strength=float(strength),
+        negative_prompt=[negative_prompt],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=float(guidance_scale),
+        num_images_per_prompt=num_images,
+        generator=generators,
+        output_type="pil",
+    )
+    return GenerationResult(images=list(output.images), seed=seed)
+
+
+def check_pipeline(pipe) -> None:
+    """Raise RuntimeError unless a one-step generation of ``pipe`` gives finite pixels.
+
+    The server's health check: a model whose weights went NaN/inf (a diverged run, corrupted
+    memory, a lost GPU) still "generates" black images without any error, so look at the numbers.
+    """
+    generator = torch.Generator("cpu").manual_seed(0)
+    output = _view(pipe, "ddim")(
+        prompt=["health check"],
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        generator=[generator],
+        output_type="np",
+    )
+    if not np.isfinite(output.images).all():
+        raise RuntimeError("the model produced non-finite pixels: weights are broken")
 
 
 def make_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:

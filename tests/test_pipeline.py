@@ -142,3 +142,69 @@ def test_make_grid(pipe):
     assert (np.asarray(grid)[32:, 32:] == 255).all()  # the empty cell stays white
     with pytest.raises(ValueError, match="grid"):
         make_grid(images, rows=1, cols=2)
+
+
+def test_generate_batch_equals_each_request_alone(pipe):
+    from ldm.pipeline import GenerationRequest, generate_batch
+
+    requests = [
+        GenerationRequest("a red circle", seed=5, num_images=2, num_inference_steps=STEPS),
+        GenerationRequest("a blue square", negative_prompt="green", seed=9, num_inference_steps=STEPS),
+        GenerationRequest("a yellow star", seed=None, num_inference_steps=STEPS),
+    ]
+    results = generate_batch(pipe, requests)
+    assert [len(r.images) for r in results] == [2, 1, 1]
+    assert [r.seed for r in results[:2]] == [5, 9] and isinstance(results[2].seed, int)
+    for request, result in zip(requests, results, strict=True):
+        alone = generate(
+            pipe,
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=result.seed,
+            num_images=request.num_images,
+            num_inference_steps=STEPS,
+        )
+        for batched, single in zip(result.images, alone.images, strict=True):
+            assert np.abs(pixels(batched) - pixels(single)).max() <= 2
+
+
+def test_generate_batch_refuses_incompatible_requests(pipe):
+    from ldm.pipeline import GenerationRequest, generate_batch
+
+    with pytest.raises(ValueError, match="share"):
+        generate_batch(pipe, [GenerationRequest("x", num_inference_steps=2), GenerationRequest("x")])
+    with pytest.raises(ValueError, match="empty"):
+        generate_batch(pipe, [])
+    with pytest.raises(ValueError, match="seed"):
+        generate_batch(pipe, [GenerationRequest("x", seed=-1)])
+
+
+def test_img2img_is_seeded_and_strength_moves_away_from_the_init_image(pipe):
+    from PIL import Image
+
+    from ldm.pipeline import generate_img2img
+
+    init = Image.new("RGB", (50, 40), (200, 30, 30))
+    weak = generate_img2img(pipe, init, "a blue square", strength=0.25, seed=1, num_inference_steps=8)
+    again = generate_img2img(pipe, init, "a blue square", strength=0.25, seed=1, num_inference_steps=8)
+    strong = generate_img2img(pipe, init, "a blue square", strength=1.0, seed=1, num_inference_steps=8)
+    assert weak.images[0].size == (32, 32)
+    assert np.array_equal(pixels(weak.images[0]), pixels(again.images[0]))
+    red = np.array([200, 30, 30])
+    assert np.abs(pixels(weak.images[0]) - red).mean() < np.abs(pixels(strong.images[0]) - red).mean()
+    for strength in (0, 1.5, True):
+        with pytest.raises(ValueError, match="strength"):
+            generate_img2img(pipe, init, "x", strength=strength, num_inference_steps=8)
+    with pytest.raises(ValueError, match="denoising step"):
+        generate_img2img(pipe, init, "x", strength=0.1, num_inference_steps=5)
+
+
+def test_check_pipeline_passes_a_good_model_and_fails_a_nan_one():
+    from ldm.pipeline import check_pipeline
+
+    good = tiny_pipeline(seed=4)
+    check_pipeline(good)
+    with torch.no_grad():
+        next(iter(good.unet.parameters())).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        check_pipeline(good)

@@ -1,4 +1,7 @@
-"""Config of `ldm serve`: which model, where to listen, how to scale, how much to queue, defaults.
+"""Config of `ldm serve`: which model, where to listen, how to batch, scale, queue and reload.
+
+It is also the typed argument of the Serve application builder (`serve.app.build_app`), so the
+``args:`` of ``infra/serve/serve-config.yaml`` are exactly these fields.
 
 The API key is deliberately not here: configs are dumped and logged, a secret must not be. The server
 reads it from ``LDM_API_KEY``.
@@ -22,21 +25,44 @@ class ServeConfig(ConfigBase):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
+    # Past this the proxy answers 408 and cancels the request.
     request_timeout_s: float = Field(120.0, gt=0)
+    # Bodies over this are refused with 413 before they are parsed (an img2img init image is the
+    # largest legitimate body: a 2048 x 2048 PNG in base64 is well under 16 MiB).
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)
+    # img2img init images with more pixels than this are a 422 (decompression bombs).
+    max_init_image_pixels: int = Field(2048 * 2048, ge=64)
+
+    # Dynamic batching (`@serve.batch`): requests that share steps, guidance, scheduler and size run
+    # as one pipeline call. A batch closes when max_batch_size requests are in or batch_wait_timeout_s
+    # has passed since the first one. max_batch_size 1 turns batching off.
+    max_batch_size: int = Field(4, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
 
     # Model replicas: autoscaling between min and max on ongoing requests per replica. Ray's default
     # delays (30 s up, 600 s down) are far too slow for a small service (TRAPS.md).
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(1.0, gt=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    # Window the autoscaler averages the load over; Ray wants it above its metrics push interval
+    # (10 s unless RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S say otherwise).
+    look_back_period_s: float = Field(15.0, gt=0)
     # Backpressure: past max_ongoing_requests x replicas + max_queued_requests, callers get 503 at once.
     # Ray's default queue is unlimited (a slow death under load), so it is always set here.
-    max_ongoing_requests: int = Field(2, ge=1)
+    max_ongoing_requests: int = Field(4, ge=1)
     max_queued_requests: int = Field(8, ge=0)
     replica_num_cpus: float = Field(1.0, gt=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)  # per replica; CPU replicas should not fight over cores
+    # check_health runs a one-step generation and fails on non-finite pixels (a broken model).
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    # Hot reload: with a models:/NAME@ALIAS model, every replica polls the alias this often and
+    # switches to the version it points at (0 turns polling off).
+    reload_interval_s: float = Field(30.0, ge=0)
 
     # Defaults for request fields the client leaves out.
     num_inference_steps: int = Field(25, ge=1, le=200)
@@ -53,4 +79,9 @@ class ServeConfig(ConfigBase):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if self.max_batch_size > self.max_ongoing_requests:
+            # A replica never holds more than max_ongoing_requests, so a larger batch never fills.
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) > max_ongoing_requests ({self.max_ongoing_requests})"
+            )
         return self

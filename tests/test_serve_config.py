@@ -1,0 +1,49 @@
+"""The committed Serve deploy config stays in sync with the code, and ServeConfig round-trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldm.config.serve import ServeConfig
+from serve.deploy_config import BUILDER_IMPORT_PATH, DEPLOY_CONFIG_PATH, cluster_config, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_deploy_config_is_what_the_code_generates():
+    committed = (REPO / DEPLOY_CONFIG_PATH).read_text()
+    assert committed == render(), (
+        "infra/serve/serve-config.yaml is stale: run `python -m serve.deploy_config > "
+        "infra/serve/serve-config.yaml`"
+    )
+
+
+def test_deploy_config_is_a_valid_serve_config_whose_args_build_the_app():
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / DEPLOY_CONFIG_PATH).read_text())
+    schema = ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay check
+    (app,) = schema.applications
+    assert app.import_path == BUILDER_IMPORT_PATH == "serve.app:build_app"
+    assert ServeConfig.model_validate(app.args) == cluster_config()
+    # Ray's own path from YAML args to an application: the typed builder validates them as ServeConfig.
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+    assert type(built).__name__ == "Application"
+    with pytest.raises(Exception, match="max_batch_sise"):
+        call_user_app_builder_with_args_if_necessary(
+            import_attr(app.import_path), {**app.args, "max_batch_sise": 2}
+        )
+
+
+def test_serve_config_round_trip_and_checks():
+    cfg = ServeConfig(max_batch_size=8, max_ongoing_requests=8, reload_interval_s=5)
+    assert ServeConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeConfig(max_batch_size=8, max_ongoing_requests=4)
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeConfig(min_replicas=3, max_replicas=2)
