@@ -5,6 +5,11 @@ usual AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REG
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for an S3-compatible endpoint (MinIO, moto, Ceph).
 ``materialize(uri)`` copies a remote folder (a model, say) to a local cache and returns the local
 path, so loaders that only read local folders (``from_pretrained``) work on ``s3://`` too.
+
+Jobs that take the endpoint from their config call ``configure_s3`` on the driver; Ray workers do not
+see variables set in the driver after ``ray.init``, so the job hands ``s3_env()`` to its tasks and
+actors as ``runtime_env={"env_vars": ...}``. A pyarrow ``S3FileSystem`` object passed to Ray Data
+(``read_parquet(filesystem=...)``) carries its endpoint and credentials with it when pickled.
 """
 
 from __future__ import annotations
@@ -16,14 +21,46 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+# The variables that configure S3 access (and the model cache); `s3_env` forwards those that are
+# set to Ray workers.
+S3_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_DISABLED",
+    "LDM_CACHE",
+)
+
 
 def is_remote(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+def configure_s3(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Set this process's S3 endpoint and region (``None`` leaves what the environment says)."""
+    if endpoint_url is not None:
+        parsed = urlparse(endpoint_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"S3 endpoint must look like http(s)://host[:port], got {endpoint_url!r}")
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url
+    if region is not None:
+        os.environ["AWS_REGION"] = region
+
+
+def s3_env() -> dict[str, str]:
+    """The S3 settings of this process (see ``S3_ENV_VARS``), to pass to Ray tasks and actors."""
+    return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -82,7 +119,9 @@ def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = No
             raise FileNotFoundError(f"no such model or data path: {path}")
         return path
     cache_root = Path(cache_dir or os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm"))
-    local = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    # the endpoint is part of the cache key: the same bucket name on another server is other data
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    local = cache_root / hashlib.sha256(f"{endpoint}\n{uri}".encode()).hexdigest()[:16]
     marker = local / ".complete"
     if marker.exists():
         return local
@@ -98,6 +137,8 @@ def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = No
     for info in files:
         target = local / info.path[len(prefix) :].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
     marker.touch()
     return local

@@ -1,13 +1,14 @@
 """The download stage: fetch every guarded URL with img2dataset, one Ray task per URL shard.
 
-Why Ray tasks calling ``img2dataset.download`` per shard, and not img2dataset's own Ray distributor:
+Why Ray tasks running img2dataset's downloader per shard, and not img2dataset's own Ray distributor:
 its distributor ignores ``processes_count``, never retries a failed shard and silently does nothing
 when ray is not importable (TRAPS.md). A task per shard gives us Ray's retries
 (``retry_exceptions``), a bounded number of shards in flight, and a completion marker per shard so
 that a re-run reuses finished shards. Tasks (not a Ray Data ``map_batches``) because a shard is a
 unit of side effects (a file and a marker), not a transformation of rows.
 
-Inside a task img2dataset runs with the Parquet writer, which keeps *every* input row with its
+Inside a task img2dataset's downloader runs in-process (see `_run_img2dataset` for why), with every
+redirect checked by the URL guard too, and with the Parquet writer, which keeps *every* input row with its
 ``status`` and ``error_message`` (the webdataset writer keeps only successes, which would break
 the "every row accounted for" invariant). ``disable_all_reencoding`` keeps the original bytes: the
 size and aspect filters must see the original image (img2dataset's own ``min_image_size`` and
@@ -24,6 +25,8 @@ import hashlib
 import json
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 from ldm import storage
 from ldm.config.ingest import DownloadConfig
 from ldm.contract import COL_CAPTION, COL_KEY, COL_SHA256, COL_URL
+from pipelines import urlguard
 
 STAGING_DIR = "_staging"
 # img2dataset reserves "key" for its own row numbering, so our key travels under another name.
@@ -39,6 +43,7 @@ CARRIED_KEY = "ldm_key"
 COL_STATUS = "status"
 COL_ERROR = "error_message"
 COL_IMAGE_BYTES = "image_bytes"
+REDIRECT_BLOCKED = "redirect blocked by the URL guard"  # starts the error message of such a row
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -85,40 +90,109 @@ def _temporary_files_in(folder: Path):
             os.environ["TMPDIR"] = previous_env
 
 
-def _run_img2dataset(rows: pa.Table, settings: DownloadConfig, work: Path) -> pa.Table:
-    """img2dataset on one shard in ``work``; returns its Parquet output (one row per input row)."""
+class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, with the URL guard applied to every hop.
+
+    The guard checks the URLs of the input before any download; without this a public host could
+    answer ``302 Location: http://169.254.169.254/`` and img2dataset (urllib) would follow it.
+    """
+
+    def __init__(self, allow_hosts: frozenset[str]):
+        self.allow_hosts = allow_hosts
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        verdict = urlguard.check_url(newurl, self.allow_hosts)
+        if not verdict.allowed:
+            raise urllib.error.HTTPError(newurl, code, f"{REDIRECT_BLOCKED}: {verdict.detail}", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@contextlib.contextmanager
+def _guarded_urlopen(allow_hosts: frozenset[str]):
+    """Install an opener with `_GuardedRedirects` as urllib's global one (img2dataset calls
+    ``urllib.request.urlopen``) for the duration of one shard; the previous opener comes back after."""
+    previous = urllib.request._opener  # noqa: SLF001 (urllib keeps the installed opener here)
+    urllib.request.install_opener(urllib.request.build_opener(_GuardedRedirects(allow_hosts)))
+    try:
+        yield
+    finally:
+        urllib.request.install_opener(previous)
+
+
+def _run_img2dataset(
+    rows: pa.Table, settings: DownloadConfig, work: Path, allow_hosts: frozenset[str] = frozenset()
+) -> pa.Table:
+    """img2dataset's downloader on one shard, in this process; returns its Parquet output.
+
+    Why not ``img2dataset.download``: every call spawns two fresh interpreters (its logger process
+    and a multiprocessing pool, TRAPS.md) that import img2dataset again, seconds per shard, while
+    its "ray" distributor would start nested Ray tasks that wait forever when the shard tasks hold
+    every CPU. So this builds the same Reader -> Resizer -> Downloader -> Parquet writer chain that
+    ``img2dataset.download`` builds (img2dataset 1.47's ``main.py``) and runs the one shard in this
+    Ray worker, which keeps img2dataset imported between shards.
+    """
     url_list = work / "urls.parquet"
     pq.write_table(rows.select([COL_URL, COL_KEY]).rename_columns([COL_URL, CARRIED_KEY]), url_list)
     output = work / "out"
+    output.mkdir()
+    (work / "_tmp").mkdir()  # the Reader writes its shard files here (img2dataset.download makes it)
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # its import phones home otherwise (TRAPS.md)
     with _temporary_files_in(work):
-        import img2dataset
+        from img2dataset.downloader import Downloader
+        from img2dataset.reader import Reader
+        from img2dataset.resizer import Resizer
+        from img2dataset.writer import ParquetSampleWriter
 
-        img2dataset.download(
-            url_list=str(url_list),
-            input_format="parquet",
-            url_col=COL_URL,
-            save_additional_columns=[CARRIED_KEY],
-            output_format="parquet",
-            output_folder=str(output),
-            number_sample_per_shard=max(rows.num_rows, 1),
-            processes_count=1,
-            thread_count=settings.thread_count,
-            timeout=settings.timeout_s,
-            retries=settings.retries,
-            disable_all_reencoding=True,
-            compute_hash="sha256",
-            extract_exif=False,
-            enable_wandb=False,
-            distributor="multiprocessing",
+        per_shard = max(rows.num_rows, 1)
+        reader = Reader(
+            str(url_list),
+            "parquet",
+            COL_URL,
+            None,  # caption_col: captions stay with us, keyed, not in img2dataset's output
+            None,  # verify_hash_col
+            None,  # verify_hash_type
+            [CARRIED_KEY],
+            per_shard,
+            set(),  # done shards
+            str(work / "_tmp"),
+            0,  # start shard id
         )
+        # no resizing, no re-encoding: the filters judge (and the duplicate check hashes) the original
+        resizer = Resizer(
+            image_size=256, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True
+        )
+        directives = list(settings.disallowed_header_directives)
+        downloader = Downloader(
+            sample_writer_class=ParquetSampleWriter,
+            resizer=resizer,
+            thread_count=settings.thread_count,
+            save_caption=False,
+            extract_exif=False,
+            output_folder=str(output),
+            column_list=reader.column_list,
+            timeout=settings.timeout_s,
+            number_sample_per_shard=per_shard,
+            oom_shard_count=5,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format="jpg",
+            retries=settings.retries,
+            user_agent_token=settings.user_agent_token,
+            # as img2dataset.download passes them: a lower-cased set, None when the check is off
+            disallowed_header_directives={d.strip().lower() for d in directives} if directives else None,
+        )
+        with _guarded_urlopen(allow_hosts):
+            for shard in reader:
+                downloader.download_shard(shard)  # raises on failure: Ray retries the shard task
     files = sorted(output.glob("*.parquet"))
     if not files:
         raise RuntimeError(f"img2dataset wrote no Parquet output in {output}")
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
 
-def download_shard(rows: pa.Table, shard_uri: str, settings: DownloadConfig) -> str:
+def download_shard(
+    rows: pa.Table, shard_uri: str, settings: DownloadConfig, allow_hosts: frozenset[str] = frozenset()
+) -> str:
     """Download one shard of (key, url, caption) rows into ``shard_uri``, unless a marker says it is done.
 
     Raises when img2dataset did not account for every row, so that Ray retries the shard.
@@ -128,7 +202,7 @@ def download_shard(rows: pa.Table, shard_uri: str, settings: DownloadConfig) -> 
     if storage.exists(marker_uri) and storage.read_bytes(marker_uri).decode() == fingerprint:
         return shard_uri
     with tempfile.TemporaryDirectory(prefix="ldm-download-") as tmp:
-        result = _run_img2dataset(rows, settings, Path(tmp))
+        result = _run_img2dataset(rows, settings, Path(tmp), allow_hosts)
     result = result.select([CARRIED_KEY, COL_STATUS, COL_ERROR, "sha256", "jpg"]).rename_columns(
         [COL_KEY, COL_STATUS, COL_ERROR, COL_SHA256, COL_IMAGE_BYTES]
     )
@@ -145,7 +219,9 @@ def download_shard(rows: pa.Table, shard_uri: str, settings: DownloadConfig) -> 
     return shard_uri
 
 
-def download_all(rows: pa.Table, output_uri: str, settings: DownloadConfig) -> list[str]:
+def download_all(
+    rows: pa.Table, output_uri: str, settings: DownloadConfig, allow_hosts: frozenset[str] = frozenset()
+) -> list[str]:
     """Split ``rows`` into shards, download them as Ray tasks; returns the shard files' URIs.
 
     Shards are cut in input order, so a re-run of the same input finds the same shards and reuses
@@ -154,9 +230,10 @@ def download_all(rows: pa.Table, output_uri: str, settings: DownloadConfig) -> l
     """
     import ray
 
-    task = ray.remote(download_shard).options(
-        num_cpus=1, max_retries=settings.max_shard_attempts - 1, retry_exceptions=True
-    )
+    options: dict = {"num_cpus": 1, "max_retries": settings.max_shard_attempts - 1, "retry_exceptions": True}
+    if storage.s3_env():  # workers started before the driver set them do not see them otherwise
+        options["runtime_env"] = {"env_vars": storage.s3_env()}
+    task = ray.remote(download_shard).options(**options)
     staging = staging_dir(output_uri)
     pending: list = []
     shard_uris: list[str] = []
@@ -166,6 +243,6 @@ def download_all(rows: pa.Table, output_uri: str, settings: DownloadConfig) -> l
         if len(pending) >= settings.shard_concurrency:  # bound the shards in flight
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done)
-        pending.append(task.remote(shard, shard_uris[-1], settings))
+        pending.append(task.remote(shard, shard_uris[-1], settings, allow_hosts))
     ray.get(pending)
     return shard_uris

@@ -4,19 +4,24 @@ Every rejected row gets a ``stage`` (where it was dropped), a machine-readable `
 human-readable ``detail``. The reasons are the codes of the ``rejects/`` ledger:
 
 - ``blocked_url``     (guard)    scheme not http(s), or a host resolving to a non-public address
+- ``blocked_redirect`` (download) a redirect to such a URL (the guard checks every hop)
 - ``caption_too_short`` (filter) empty or shorter than ``min_caption_chars``
 - ``download_failed`` (download) HTTP/network error, or bytes that are not a decodable image
                                  (``detail`` says which: ``http: ...``, ``not_image: ...``,
                                  ``truncated: ...``)
-- ``too_small``, ``too_large``, ``extreme_aspect`` (filter) from the *original* width and height
+- ``opted_out``       (download) the server's X-Robots-Tag forbids the use (``noai``, ...)
+- ``too_small``, ``too_large``, ``extreme_aspect`` (filter) from the *original* width and height;
+                                 ``too_large`` also covers decompression bombs, refused from the header
 - ``duplicate``       (filter)   same sha256 of the bytes as a row with a lower key
-- ``low_clip_score``  (score)    see `pipelines.stages.ClipScorer`
+- ``low_clip_score``  (score)    below the absolute threshold, or outside the kept top fraction
+- ``near_duplicate``  (score)    CLIP image embedding within the cosine threshold of a lower key's
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import unicodedata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.config.ingest import FilterConfig
 from ldm.contract import COL_CAPTION, COL_HEIGHT, COL_KEY, COL_SHA256, COL_URL, COL_WIDTH, REJECT_COLUMNS
-from pipelines.download import COL_ERROR, COL_IMAGE_BYTES, COL_STATUS
+from pipelines.download import COL_ERROR, COL_IMAGE_BYTES, COL_STATUS, REDIRECT_BLOCKED
 
 STAGE_GUARD = "guard"
 STAGE_DOWNLOAD = "download"
@@ -41,9 +46,16 @@ REASON_TOO_LARGE = "too_large"
 REASON_ASPECT = "extreme_aspect"
 REASON_DUPLICATE = "duplicate"
 REASON_LOW_CLIP = "low_clip_score"
+REASON_OPTED_OUT = "opted_out"
+REASON_BLOCKED_REDIRECT = "blocked_redirect"
+REASON_NEAR_DUPLICATE = "near_duplicate"
+
+# img2dataset's error message when an X-Robots-Tag directive forbids the use (downloader.py)
+OPT_OUT_MARKER = "disallowed by X-Robots-Tag"
 
 COL_STAGE, COL_REASON, COL_DETAIL = REJECT_COLUMNS[3:]
 COL_IMAGE = "image"  # uint8 [S, S, 3], the model-ready image between the filter and the encoder
+COL_IMAGE_EMBEDDING = "image_embedding"  # float32 [E], L2-normalised CLIP image features (score stage)
 
 ACCEPTED = ""  # the reason and stage of a row still in the running (Arrow handles "" better than null)
 
@@ -61,8 +73,13 @@ def row_key(index: int, url: str, caption: str) -> str:
 
 
 def caption_problem(caption: str | None, min_chars: int) -> str | None:
-    """Why a caption is unusable (a ``detail``), or None."""
-    text = (caption or "").strip()
+    """Why a caption is unusable (a ``detail``), or None.
+
+    Invisible format characters (zero-width spaces and joiners, a byte-order mark) do not count:
+    a caption made of them is empty.
+    """
+    visible = "".join(ch for ch in (caption or "") if unicodedata.category(ch) not in ("Cf", "Cc"))
+    text = visible.strip()
     if not text:
         return "empty caption"
     if len(text) < min_chars:
@@ -95,10 +112,15 @@ def inspect_image(data: bytes | None, filters: FilterConfig, image_size: int) ->
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        # PIL refuses headers beyond its own pixel limit before we see the size: still a bomb
+        return ImageCheck(REASON_TOO_LARGE, f"decompression bomb: {err}", 0, 0, None)
+    except UnidentifiedImageError as err:
         return ImageCheck(REASON_DOWNLOAD, f"not_image: {err}", 0, 0, None)
     except Exception as err:  # any decoder error on hostile bytes is a bad download, never a crash
         return ImageCheck(REASON_DOWNLOAD, f"not_image: {type(err).__name__}: {err}", 0, 0, None)
+    if _exif_orientation(img) in (5, 6, 7, 8):  # stored sideways: judge the upright size
+        width, height = height, width
     if width * height > filters.max_pixels:
         return ImageCheck(
             REASON_TOO_LARGE, f"{width}x{height} > {filters.max_pixels} pixels", width, height, None
@@ -113,12 +135,44 @@ def inspect_image(data: bytes | None, filters: FilterConfig, image_size: int) ->
             REASON_TOO_SMALL, f"{width}x{height}, min side {filters.min_side}", width, height, None
         )
     try:
-        img.load()  # a truncated file fails here, not at open
-        rgb = img.convert("RGB")
+        img.load()  # a truncated file fails here, not at open; an animation keeps its first frame
+        rgb = to_rgb(ImageOps.exif_transpose(img))
     except Exception as err:
-        return ImageCheck(REASON_DOWNLOAD, f"truncated: {err}", width, height, None)
+        return ImageCheck(REASON_DOWNLOAD, f"truncated: {type(err).__name__}: {err}", width, height, None)
     square = ImageOps.fit(rgb, (image_size, image_size), method=Image.Resampling.BICUBIC)
     return ImageCheck(None, "", width, height, np.asarray(square, dtype=np.uint8))
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))  # 0x0112: the EXIF Orientation tag
+    except Exception:  # broken EXIF is not worth a rejection: treat the image as upright
+        return 1
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL decodes: 16-bit greys are scaled, not clipped; transparency is
+    composited on white (dropping alpha would show whatever colour hides under transparent pixels)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's own convert clips 16-bit values at 255, which turns most 16-bit images white
+        grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def download_failure_reason(error_message: str | None) -> str:
+    """The reject reason of a row img2dataset did not download: an opt-out, a redirect the URL guard
+    refused, or a plain failure."""
+    message = (error_message or "").lower()
+    if OPT_OUT_MARKER.lower() in message:
+        return REASON_OPTED_OUT
+    if REDIRECT_BLOCKED.lower() in message:
+        return REASON_BLOCKED_REDIRECT
+    return REASON_DOWNLOAD
 
 
 def duplicate_keys(keys: Iterable[str], hashes: Iterable[str | None]) -> dict[str, str]:
@@ -157,7 +211,8 @@ def filter_downloads(
     for i in range(n):
         key = batch[COL_KEY][i]
         if batch[COL_STATUS][i] != "success":
-            reason, stage, detail = REASON_DOWNLOAD, STAGE_DOWNLOAD, f"http: {batch[COL_ERROR][i]}"
+            error = batch[COL_ERROR][i]
+            reason, stage, detail = download_failure_reason(error), STAGE_DOWNLOAD, f"http: {error}"
         else:
             check = inspect_image(batch[COL_IMAGE_BYTES][i], filters, image_size)
             widths[i], heights[i] = check.width, check.height
@@ -195,3 +250,71 @@ def keep_rejected(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The ledger columns (`ldm.contract.REJECT_COLUMNS`) of the rejected rows of ``batch``."""
     mask = batch[COL_REASON] != ACCEPTED
     return {name: batch[name][mask] for name in REJECT_COLUMNS}
+
+
+# --- score-stage verdicts: they need every scored row (a quantile, pairwise similarities) -----------
+def clip_cutoff(scores: np.ndarray, filters: FilterConfig) -> float:
+    """The lowest CLIP score that is kept: the absolute threshold, or the top fraction's cut.
+
+    In ``top_fraction`` mode the cut is the score of the ``ceil(fraction * N)``-th best row, so at
+    least that many rows are kept (ties at the cut are all kept). No scores: nothing to cut.
+    """
+    if filters.clip_mode == "threshold":
+        return float(filters.clip_threshold)
+    if len(scores) == 0:
+        return float("-inf")
+    keep = int(np.ceil(filters.clip_keep_fraction * len(scores)))
+    return float(np.sort(np.asarray(scores, dtype=np.float64))[::-1][keep - 1])
+
+
+def near_duplicate_keys(
+    keys: list[str], embeddings: np.ndarray, threshold: float, block_rows: int = 1024
+) -> dict[str, str]:
+    """Rows whose embedding has cosine >= ``threshold`` with a row of lower key: {key: that lower key}.
+
+    Embeddings are L2-normalised (`ldm.first_stage.clip.clip_features`), so cosine is a dot product.
+    Like `duplicate_keys`, the lower key wins whatever the order of arrival. A row is dropped when any
+    lower key is close to it, even one that is itself dropped: a chain A~B~C drops B and C. Cost is
+    O(N^2 E) in blocks of ``block_rows``: fine for one ingest run of up to ~1e5 rows; at LAION scale
+    the same rule needs an approximate nearest-neighbour index (LAION used faiss).
+    """
+    if len(keys) != len(embeddings):
+        raise ValueError(f"{len(keys)} keys but {len(embeddings)} embeddings")
+    if len(keys) < 2:
+        return {}
+    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
+    sorted_keys = [keys[i] for i in order]
+    vectors = np.asarray(embeddings, dtype=np.float32)[order]
+    found: dict[str, str] = {}
+    for start in range(0, len(sorted_keys), block_rows):
+        block = vectors[start : start + block_rows]
+        similar = block @ vectors[: start + len(block)].T  # [B, rows up to the end of this block]
+        for offset, row in enumerate(similar):
+            lower = np.flatnonzero(row[: start + offset] >= threshold)  # only lower keys count
+            if len(lower):
+                found[sorted_keys[start + offset]] = sorted_keys[lower[0]]
+    return found
+
+
+def judge_scores(
+    batch: dict[str, np.ndarray], cutoff: float, near_duplicates: dict[str, str], cutoff_detail: str
+) -> dict[str, np.ndarray]:
+    """Reject scored rows below ``cutoff`` (``low_clip_score``) or in ``near_duplicates``.
+
+    ``cutoff_detail`` says where the cut came from (``"threshold 0.28"``, ``"top 30% cut"``). The
+    image embedding column is dropped: nothing after this stage needs it.
+    """
+    reasons = batch[COL_REASON].copy()
+    stages = batch[COL_STAGE].copy()
+    details = batch[COL_DETAIL].copy()
+    for i, (key, score) in enumerate(zip(batch[COL_KEY], batch["clip_score"], strict=True)):
+        if reasons[i] != ACCEPTED:
+            continue
+        if score < cutoff:
+            reasons[i], stages[i] = REASON_LOW_CLIP, STAGE_SCORE
+            details[i] = f"clip score {score:.4f} < {cutoff:.4f} ({cutoff_detail})"
+        elif key in near_duplicates:
+            reasons[i], stages[i] = REASON_NEAR_DUPLICATE, STAGE_SCORE
+            details[i] = f"CLIP image embedding close to key {near_duplicates[key]}"
+    out = {name: column for name, column in batch.items() if name != COL_IMAGE_EMBEDDING}
+    return out | {COL_REASON: reasons, COL_STAGE: stages, COL_DETAIL: details}

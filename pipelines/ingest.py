@@ -1,8 +1,9 @@
 """The ingest job (`ldm ingest`): caption-image pairs -> latents/, rejects/ and manifest.json.
 
 The recipe (`run_ingest`): read the pairs and key them, guard the URLs, download (img2dataset,
-one Ray task per shard), filter (plain functions), CLIP-score and encode (callable classes on Ray
-Data actor pools), write. Every input row ends in exactly one of ``latents/`` (accepted) or
+one Ray task per shard), filter (plain functions), CLIP-score (an actor pool), judge the scores (the
+cut and near-duplicates need every score, so they run once scoring is done), encode (an actor
+pool), write; then the funnel goes to MLflow (`pipelines.ingest_report`). Every input row ends in exactly one of ``latents/`` (accepted) or
 ``rejects/`` (with the stage and reason that dropped it); the job checks that at the end and fails
 loudly otherwise. A re-run into the same output reuses finished download shards and rewrites the
 final outputs, so nothing is duplicated.
@@ -54,7 +55,7 @@ from ldm.contract import (
 )
 from ldm.first_stage.text_encoder import TEXT_ENCODER_DIR, TOKENIZER_DIR
 from ldm.runtime import ensure_ray
-from pipelines import download, filters, urlguard
+from pipelines import download, filters, ingest_report, urlguard
 from pipelines.stages import ClipScorer, LatentEncoder
 
 EXPERIMENT = "ingest"
@@ -79,10 +80,18 @@ def read_pairs(uri: str, url_col: str = "url", caption_col: str = "caption") -> 
     missing = [c for c in (url_col, caption_col) if c not in table.column_names]
     if missing:
         raise ValueError(f"{uri}: missing column(s) {missing}; it has {table.column_names}")
-    urls = ["" if u is None else str(u) for u in table.column(url_col).to_pylist()]
-    captions = ["" if c is None else str(c) for c in table.column(caption_col).to_pylist()]
+    urls = _as_text(table.column(url_col))
+    captions = _as_text(table.column(caption_col))
     keys = [filters.row_key(i, u, c) for i, (u, c) in enumerate(zip(urls, captions, strict=True))]
     return pa.table({COL_KEY: keys, COL_URL: urls, COL_CAPTION: captions})
+
+
+def _as_text(column: pa.ChunkedArray) -> list[str]:
+    """A column as strings; nulls become "". Bytes that are not UTF-8 (pyarrow reads such a CSV
+    column as binary) are decoded with U+FFFD for the bad bytes: the row stays, with a visible scar."""
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return ["" if v is None else v.decode("utf-8", errors="replace") for v in column.to_pylist()]
+    return ["" if v is None else str(v) for v in column.to_pylist()]
 
 
 # --- guard and caption check (before any byte is fetched) ------------------------------------------
@@ -298,8 +307,14 @@ def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig):
     )
 
 
+def _worker_env() -> dict:
+    """``runtime_env`` for model actors: the S3 settings, so they can read ``s3://`` models."""
+    env = storage.s3_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def score(judged, cfg: IngestConfig):
-    """The accepted rows of ``judged`` with their CLIP score; low scores get a reason (materialized)."""
+    """The accepted rows of ``judged`` with their CLIP score and image embedding (materialized)."""
     import ray.data
 
     return (
@@ -308,7 +323,7 @@ def score(judged, cfg: IngestConfig):
             ClipScorer,
             fn_constructor_kwargs={
                 "spec": cfg.clip_spec,
-                "threshold": cfg.filters.clip_threshold,
+                "threshold": None,  # judged below, once every score is known (see judge_scores)
                 "use_gpu": cfg.score.num_gpus > 0,
                 "torch_threads": cfg.torch_threads,
             },
@@ -316,9 +331,47 @@ def score(judged, cfg: IngestConfig):
             compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
             num_gpus=cfg.score.num_gpus,
             num_cpus=cfg.score.num_cpus,
+            **_worker_env(),
         )
         .materialize()
     )
+
+
+def judge_scores(scored, cfg: IngestConfig) -> tuple[object, np.ndarray, float]:
+    """Apply the CLIP cut and the near-duplicate filter to ``scored``.
+
+    Both need a global view (a quantile of all scores, similarities between all images), so the
+    keys, scores and embeddings (no pixels: ~2 KB per row with ViT-B/32) come to the driver first.
+    Returns (the judged Dataset, materialized; every score; the cutoff).
+    """
+    keys: list[str] = []
+    scores: list[np.ndarray] = []
+    embeddings: list[np.ndarray] = []
+    columns = [COL_KEY, COL_CLIP_SCORE, filters.COL_IMAGE_EMBEDDING]
+    for batch in scored.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None):
+        keys.extend(str(k) for k in batch[COL_KEY])
+        scores.append(batch[COL_CLIP_SCORE])
+        embeddings.append(np.asarray(batch[filters.COL_IMAGE_EMBEDDING]).reshape(len(batch[COL_KEY]), -1))
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    cutoff = filters.clip_cutoff(all_scores, cfg.filters)
+    near: dict[str, str] = {}
+    threshold = cfg.filters.near_duplicate_threshold
+    if threshold is not None and keys:
+        kept = all_scores >= cutoff  # near-duplicates only among rows that pass the score cut
+        vectors = np.concatenate(embeddings)[kept]
+        near = filters.near_duplicate_keys(
+            [k for k, m in zip(keys, kept, strict=True) if m], vectors, threshold
+        )
+    if cfg.filters.clip_mode == "threshold":
+        how = f"threshold {cfg.filters.clip_threshold}"
+    else:
+        how = f"top {cfg.filters.clip_keep_fraction:.0%} cut"
+    judged = scored.map_batches(
+        filters.judge_scores,
+        fn_kwargs={"cutoff": cutoff, "near_duplicates": near, "cutoff_detail": how},
+        batch_size=cfg.filter_batch_size,
+    ).materialize()
+    return judged, all_scores, cutoff
 
 
 def encode(scored, cfg: IngestConfig):
@@ -337,6 +390,7 @@ def encode(scored, cfg: IngestConfig):
         compute=ray.data.ActorPoolStrategy(size=cfg.encode.concurrency),
         num_gpus=cfg.encode.num_gpus,
         num_cpus=cfg.encode.num_cpus,
+        **_worker_env(),
     )
 
 
@@ -355,6 +409,7 @@ def collect_rejects(dataset) -> pa.Table:
 def run_ingest(cfg: IngestConfig) -> dict:
     """Run the ingest job; returns the manifest (also written to ``<output>/manifest.json``)."""
     started = time.time()
+    storage.configure_s3(cfg.s3_endpoint, cfg.s3_region)  # before Ray starts: workers inherit it
     ensure_ray(cfg.ray_address, cfg.num_cpus)
     output = cfg.output_uri
     _remove_manifest(output)  # written last: its presence says the outputs beside it are complete
@@ -368,11 +423,13 @@ def run_ingest(cfg: IngestConfig) -> dict:
     rows = read_pairs(cfg.input_uri, cfg.url_col, cfg.caption_col)
     to_download, rejects = guard_and_check_captions(rows, cfg)
     encoded_batches: list = []
+    shard_uris: list[str] = []
+    scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
     if to_download.num_rows:
-        shard_uris = download.download_all(to_download, output, cfg.download)
+        shard_uris = download.download_all(to_download, output, cfg.download, cfg.allowed_hosts)
         judged = judge_downloads(shard_uris, output, cfg)
         rejects.append(collect_rejects(judged))
-        scored = score(judged, cfg)
+        scored, scores, cutoff = judge_scores(score(judged, cfg), cfg)
         rejects.append(collect_rejects(scored))
         encoded_batches = encode(scored, cfg).iter_batches(batch_format="numpy", batch_size=None)
     accepted = write_latents(encoded_batches, output, schema, cfg.rows_per_file)
@@ -381,9 +438,10 @@ def run_ingest(cfg: IngestConfig) -> dict:
     input_keys = rows.column(COL_KEY).to_pylist()
     check_accounting(input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist())
     manifest = build_manifest(cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started)
+    manifest["clip_cutoff"] = cutoff if np.isfinite(cutoff) else None
     storage.write_bytes(storage.join(output, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     if cfg.log_mlflow:
-        log_to_mlflow(cfg, manifest)
+        log_to_mlflow(cfg, manifest, scores=scores, rejected=rejected, shard_uris=shard_uris)
     return manifest
 
 
@@ -408,6 +466,7 @@ def build_manifest(
             "rejected_by_stage": dict(sorted(Counter(rejected.column("stage").to_pylist()).items())),
             "rejected_by_reason": dict(sorted(Counter(rejected.column("reason").to_pylist()).items())),
         },
+        "funnel": ingest_report.funnel(num_input, dict(Counter(rejected.column("reason").to_pylist()))),
         "dataset_digest": dataset_digest(accepted),
         "models": models,
         "scaling_factor": json.loads(metadata[META_SCALING_FACTOR]),
@@ -419,9 +478,16 @@ def build_manifest(
     }
 
 
-def log_to_mlflow(cfg: IngestConfig, manifest: dict) -> str:
+def log_to_mlflow(
+    cfg: IngestConfig,
+    manifest: dict,
+    scores: np.ndarray | None = None,
+    rejected: pa.Table | None = None,
+    shard_uris: list[str] | None = None,
+) -> str:
     """One MLflow run in experiment "ingest": config as params, counts as metrics, the manifest as
-    an artifact and as the run's input dataset. Returns the run id."""
+    an artifact and as the run's input dataset, and the funnel as pictures: ``funnel.png``,
+    ``clip_scores.png`` (with the cut marked) and ``rejects/<reason>.png``. Returns the run id."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -437,11 +503,24 @@ def log_to_mlflow(cfg: IngestConfig, manifest: dict) -> str:
     }
     metrics |= {f"rejected_{reason}": n for reason, n in counts["rejected_by_reason"].items()}
     metrics |= {"seconds": manifest["seconds"], "rows_per_second": manifest["rows_per_second"] or 0.0}
+    if manifest.get("clip_cutoff") is not None:
+        metrics["clip_cutoff"] = manifest["clip_cutoff"]
     with mlflow.start_run(experiment_id=experiment_id, run_name="ingest") as run:
         mlflow.log_params({k: ("" if v is None else v) for k, v in cfg.flat().items()})
         mlflow.log_metrics(metrics)
         mlflow.log_dict(manifest, MANIFEST_FILE)
         mlflow.set_tag("dataset_digest", manifest["dataset_digest"])
+        mlflow.log_figure(ingest_report.funnel_figure(manifest["funnel"]), "funnel.png")
+        if scores is not None and len(scores):
+            how = cfg.filters.clip_mode if cfg.filters.clip_mode == "threshold" else "top fraction"
+            figure = ingest_report.score_histogram(scores, manifest.get("clip_cutoff"), how)
+            mlflow.log_figure(figure, "clip_scores.png")
+        if rejected is not None:
+            samples = ingest_report.reject_samples(
+                rejected, shard_uris or [], cfg.rejected_samples_per_reason
+            )
+            for reason, items in sorted(samples.items()):
+                mlflow.log_figure(ingest_report.sample_grid(reason, items), f"rejects/{reason}.png")
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(storage.join(cfg.output_uri, LATENTS_DIR))

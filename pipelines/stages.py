@@ -24,7 +24,15 @@ from ldm.contract import (
     TEXT_EMBEDDING_DTYPE,
 )
 from ldm.text import encode_captions
-from pipelines.filters import COL_DETAIL, COL_IMAGE, COL_REASON, COL_STAGE, REASON_LOW_CLIP, STAGE_SCORE
+from pipelines.filters import (
+    COL_DETAIL,
+    COL_IMAGE,
+    COL_IMAGE_EMBEDDING,
+    COL_REASON,
+    COL_STAGE,
+    REASON_LOW_CLIP,
+    STAGE_SCORE,
+)
 
 # columns of an encoded row, in the order they are written to latents/
 LATENT_ROW_COLUMNS = (
@@ -48,24 +56,39 @@ def _device(use_gpu: bool, torch_threads: int) -> str:
 
 
 class ClipScorer:
-    """Adds ``clip_score`` (cosine similarity, float32) and rejects pairs below ``threshold``."""
+    """Adds ``clip_score`` (cosine similarity, float32) and ``image_embedding`` (float32 [E]).
 
-    def __init__(self, spec: str, threshold: float, use_gpu: bool = False, torch_threads: int = 1):
+    With a ``threshold`` it also rejects pairs below it. The ingest job passes none: its cut may be
+    a top fraction of all scores and near-duplicates need every embedding, so it judges the scores
+    after this stage (`pipelines.filters.judge_scores`).
+    """
+
+    def __init__(
+        self, spec: str, threshold: float | None = None, use_gpu: bool = False, torch_threads: int = 1
+    ):
         from ldm.first_stage.clip import load_clip
 
         self.device = _device(use_gpu, torch_threads)
         self.bundle = load_clip(spec, device=self.device)
         self.threshold = threshold
+        self.embed_dim = int(self.bundle.model_cfg["embed_dim"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ldm.first_stage.clip import clip_score
+        from ldm.first_stage.clip import clip_features
 
         if len(batch[COL_KEY]) == 0:  # Ray may hand over an empty block once every row was rejected
             batch[COL_CLIP_SCORE] = np.zeros(0, dtype=np.float32)
+            batch[COL_IMAGE_EMBEDDING] = np.zeros((0, self.embed_dim), dtype=np.float32)
             return batch
-        scores = clip_score(self.bundle, batch[COL_IMAGE], [str(c) for c in batch[COL_CAPTION]])
+        image_features, text_features = clip_features(
+            self.bundle, batch[COL_IMAGE], [str(c) for c in batch[COL_CAPTION]]
+        )
+        scores = (image_features * text_features).sum(-1).numpy().astype(np.float32)
+        batch[COL_CLIP_SCORE] = scores
+        batch[COL_IMAGE_EMBEDDING] = image_features.numpy().astype(np.float32)
+        if self.threshold is None:
+            return batch
         low = scores < self.threshold
-        batch[COL_CLIP_SCORE] = scores.astype(np.float32)
         batch[COL_REASON] = np.where(low, REASON_LOW_CLIP, batch[COL_REASON]).astype(object)
         batch[COL_STAGE] = np.where(low, STAGE_SCORE, batch[COL_STAGE]).astype(object)
         details = [f"clip score {s:.4f} < {self.threshold}" for s in scores]

@@ -116,3 +116,95 @@ def test_ingest_config_round_trip(tmp_path):
     # the synthetic default input allows its loopback server; an explicit input does not
     assert "127.0.0.1" in IngestConfig(workdir=str(tmp_path)).allowed_hosts
     assert IngestConfig(workdir=str(tmp_path), input="x.parquet").allowed_hosts == frozenset()
+
+
+def test_caption_of_invisible_characters_is_empty():
+    assert filters.caption_problem("\u200b\u200b\u200b\ufeff", 3) == "empty caption"
+    assert filters.caption_problem("\u200bab\u200b", 3) == "caption has 2 characters, fewer than 3"
+    assert filters.caption_problem("caf\ufffd \U0001f534", 3) is None
+
+
+def test_opt_out_is_its_own_reason():
+    message = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's wording
+    assert filters.download_failure_reason(message) == filters.REASON_OPTED_OUT
+    assert filters.download_failure_reason("HTTP Error 404: Not Found") == filters.REASON_DOWNLOAD
+    assert filters.download_failure_reason(None) == filters.REASON_DOWNLOAD
+
+
+def test_clip_cutoff_threshold_and_top_fraction():
+    scores = np.array([0.10, 0.40, 0.25, 0.30, 0.20, 0.35, 0.15, 0.05, 0.45, 0.50], dtype=np.float32)
+    assert filters.clip_cutoff(scores, FilterConfig(clip_threshold=0.28)) == 0.28
+    top = FilterConfig(clip_mode="top_fraction", clip_keep_fraction=0.3)
+    cutoff = filters.clip_cutoff(scores, top)
+    assert (scores >= cutoff).sum() == 3 and cutoff == pytest.approx(0.40)
+    # a fraction that is not a whole number of rows rounds up: 25% of 10 keeps 3
+    quarter = FilterConfig(clip_mode="top_fraction", clip_keep_fraction=0.25)
+    assert (scores >= filters.clip_cutoff(scores, quarter)).sum() == 3
+    assert filters.clip_cutoff(np.zeros(0), top) == float("-inf")
+    with pytest.raises(ValueError):
+        FilterConfig(clip_mode="top_fraction", clip_keep_fraction=0.0)
+    with pytest.raises(ValueError):
+        FilterConfig(clip_mode="best")
+
+
+def test_near_duplicate_keys_keep_the_lowest_key():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 16))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    close = base[1] + 0.01 * rng.normal(size=16)
+    vectors = np.vstack([base, close / np.linalg.norm(close)])
+    keys = ["d", "b", "a", "c", "e"]  # "e" is close to "b"; the rest are unrelated random directions
+    cosine = float(vectors[1] @ vectors[4])
+    assert 0.99 < cosine < 1.0
+    assert filters.near_duplicate_keys(keys, vectors, threshold=0.99) == {"e": "b"}
+    assert filters.near_duplicate_keys(keys, vectors, threshold=cosine + 1e-4) == {}
+    # order of arrival and block size do not matter
+    order = [4, 2, 0, 3, 1]
+    shuffled = filters.near_duplicate_keys([keys[i] for i in order], vectors[order], 0.99, block_rows=2)
+    assert shuffled == {"e": "b"}
+    with pytest.raises(ValueError, match="keys"):
+        filters.near_duplicate_keys(keys, vectors[:3], 0.99)
+
+
+def test_judge_scores_rejects_low_scores_and_near_duplicates():
+    batch = {
+        "key": np.array(["a", "b", "c", "d"], dtype=object),
+        "clip_score": np.array([0.5, 0.1, 0.4, 0.3], dtype=np.float32),
+        "image_embedding": np.zeros((4, 8), dtype=np.float32),
+        "stage": np.array(["", "", "", ""], dtype=object),
+        "reason": np.array(["", "", "", ""], dtype=object),
+        "detail": np.array(["", "", "", ""], dtype=object),
+    }
+    out = filters.judge_scores(batch, cutoff=0.2, near_duplicates={"c": "a"}, cutoff_detail="threshold 0.2")
+    assert list(out["reason"]) == ["", "low_clip_score", "near_duplicate", ""]
+    assert list(out["stage"]) == ["", "score", "score", ""]
+    assert "0.1000 < 0.2000 (threshold 0.2)" in out["detail"][1] and "key a" in out["detail"][2]
+    assert "image_embedding" not in out
+    assert list(batch["reason"]) == ["", "", "", ""]  # the input batch is left as it was
+
+
+def test_production_ingest_config_validates():
+    from pathlib import Path
+
+    import open_clip
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "production-ingest.yaml"
+    cfg = load_config(IngestConfig, path)
+    assert cfg.input_uri.startswith("s3://") and cfg.output_uri.startswith("s3://")
+    assert (cfg.url_col, cfg.caption_col) == ("URL", "TEXT")
+    arch, _, weights = cfg.clip_spec.removeprefix("open_clip:").partition("@")
+    assert open_clip.get_model_config(arch) is not None and weights.startswith("s3://")
+    assert cfg.filters.clip_threshold == 0.28 and cfg.filters.near_duplicate_threshold == 0.96
+    assert cfg.encode.num_gpus == 1 and cfg.score.num_gpus == 0.25
+    assert cfg.download.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
+    assert (
+        load_config(IngestConfig, path, sets=["filters.clip_mode=top_fraction"]).filters.clip_mode
+        == "top_fraction"
+    )
+
+
+def test_redirect_refused_by_the_guard_is_its_own_reason():
+    from pipelines.download import REDIRECT_BLOCKED
+
+    message = f"HTTP Error 302: {REDIRECT_BLOCKED}: host 'localhost' resolves to loopback address 127.0.0.1"
+    assert filters.download_failure_reason(message) == filters.REASON_BLOCKED_REDIRECT

@@ -8,6 +8,8 @@ the job calls ``map_batches`` (`pipelines.ingest`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ldm.config.base import ConfigBase
@@ -23,6 +25,12 @@ class DownloadConfig(ConfigBase):
     rows_per_shard: int = Field(1000, ge=1)  # the unit of work, of retry and of reuse on a re-run
     shard_concurrency: int = Field(2, ge=1)  # shard tasks running at once
     max_shard_attempts: int = Field(3, ge=1)  # a failed shard task is retried by Ray this many times
+    # Opt-out: X-Robots-Tag directives that forbid using an image (img2dataset's own default list);
+    # such rows are rejected as ``opted_out``. An empty list turns the check off.
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    user_agent_token: str | None = None  # names this crawler in User-Agent and in X-Robots-Tag "token:" rules
 
 
 class FilterConfig(ConfigBase):
@@ -32,7 +40,14 @@ class FilterConfig(ConfigBase):
     max_aspect_ratio: float = Field(3.0, ge=1.0)
     max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked from the header
     min_caption_chars: int = Field(3, ge=1)
+    # CLIP score filter. "threshold": keep scores >= clip_threshold (LAION: 0.28 with ViT-B/32).
+    # "top_fraction": keep the best clip_keep_fraction of the scored rows (DataComp's best: 0.3).
+    clip_mode: Literal["threshold", "top_fraction"] = "threshold"
     clip_threshold: float = 0.2  # cosine similarity of the CLIP scorer; below it: low_clip_score
+    clip_keep_fraction: float = Field(0.3, gt=0.0, le=1.0)
+    # Near-duplicates: a row whose CLIP image embedding has cosine >= this with a row of lower key is
+    # rejected as near_duplicate (LAION deduplicated on CLIP embeddings). None: off.
+    near_duplicate_threshold: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class StageResources(ConfigBase):
@@ -48,6 +63,10 @@ class IngestConfig(ConfigBase):
     workdir: str = "./ldm-demo"
     input: str | None = None  # Parquet/CSV/TSV with url and caption; default: the synthetic pairs
     output: str | None = None  # local folder or s3:// prefix; default: WorkDir.data
+    # S3-compatible endpoint (MinIO, Ceph, moto) for every s3:// path; None: AWS_ENDPOINT_URL_S3 /
+    # AWS_ENDPOINT_URL or AWS itself. Credentials always come from the environment, never from here.
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
     url_col: str = "url"
     caption_col: str = "caption"
     # Hosts (names or literal addresses) allowed even though they resolve to private/loopback
@@ -68,6 +87,7 @@ class IngestConfig(ConfigBase):
     num_cpus: int | None = None  # for a local Ray; None: all cores
     ray_address: str | None = None
     log_mlflow: bool = True
+    rejected_samples_per_reason: int = Field(8, ge=0)  # images per reason in the MLflow reject grids
 
     @model_validator(mode="after")
     def _columns_differ(self) -> IngestConfig:
