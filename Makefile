@@ -10,6 +10,7 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test test-fast lint clean
 
