@@ -25,6 +25,7 @@ The named schedule below never changes once shipped: a new schedule gets a new n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
@@ -108,7 +109,19 @@ def training_target(
     return scheduler.get_velocity(latents, noise, timesteps)
 
 
-def training_loss(
+@dataclass(frozen=True)
+class LossTerms:
+    """The per-sample pieces of one loss estimate, for the loss and for the per-timestep metrics."""
+
+    per_sample: torch.Tensor  # [B] float32, weighted squared error of each sample (with gradients)
+    timesteps: torch.Tensor  # [B] long, the timestep each sample was noised to
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.per_sample.mean()
+
+
+def training_loss_terms(
     unet: torch.nn.Module,
     latents: torch.Tensor,
     text_embeddings: torch.Tensor,
@@ -119,8 +132,8 @@ def training_loss(
     snr_gamma: float = 5.0,
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One Monte-Carlo estimate of the diffusion loss for a batch; a scalar tensor with gradients.
+) -> LossTerms:
+    """One Monte-Carlo estimate of the diffusion loss for a batch, kept per sample.
 
     ``latents`` [B, C, H, W] are already multiplied by the autoencoder's scaling factor;
     ``text_embeddings`` [B, L, D] are the text encoder's last hidden state (the U-Net's cross-attention
@@ -145,8 +158,62 @@ def training_loss(
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
 
+    # The error is taken in float32 even under bf16 autocast: the loss is a small difference of
+    # large numbers at low t.
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
     if loss_weighting == "min_snr":
         weights = min_snr_weights(signal_to_noise_ratio(scheduler, timesteps), snr_gamma, prediction_type)
         per_sample = per_sample * weights.to(per_sample.dtype)
-    return per_sample.mean()
+    return LossTerms(per_sample=per_sample, timesteps=timesteps)
+
+
+def training_loss(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    scheduler: DDPMScheduler,
+    *,
+    prediction_type: PredictionType = "epsilon",
+    loss_weighting: LossWeighting = "none",
+    snr_gamma: float = 5.0,
+    noise_offset: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The batch mean of ``training_loss_terms``: a scalar tensor with gradients."""
+    return training_loss_terms(
+        unet,
+        latents,
+        text_embeddings,
+        scheduler,
+        prediction_type=prediction_type,
+        loss_weighting=loss_weighting,
+        snr_gamma=snr_gamma,
+        noise_offset=noise_offset,
+        generator=generator,
+    ).loss
+
+
+def timestep_bucket_sums(
+    per_sample: torch.Tensor, timesteps: torch.Tensor, num_buckets: int, num_train_timesteps: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of the per-sample losses in ``num_buckets`` equal ranges of t, float64 [K] each.
+
+    Sums and counts (not means) so that they add up over micro-batches and over DDP ranks; bucket k
+    holds t in [k * T / K, (k + 1) * T / K). The loss at high t (mostly noise) and at low t (fine
+    detail) move differently during training: one mean hides which end is not learning.
+    """
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    bucket = (timesteps * num_buckets) // num_train_timesteps  # [B] in 0..K-1
+    sums = torch.zeros(num_buckets, dtype=torch.float64, device=per_sample.device)
+    counts = torch.zeros(num_buckets, dtype=torch.float64, device=per_sample.device)
+    sums.index_add_(0, bucket, per_sample.detach().double())
+    counts.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
+    return sums, counts
+
+
+def timestep_bucket_names(num_buckets: int, num_train_timesteps: int = 1000) -> list[str]:
+    """Metric names of the buckets: ``loss_t000-249`` ... for 4 buckets of 1000 steps."""
+    width = len(str(num_train_timesteps - 1))
+    edges = [k * num_train_timesteps // num_buckets for k in range(num_buckets + 1)]
+    return [f"loss_t{edges[k]:0{width}d}-{edges[k + 1] - 1:0{width}d}" for k in range(num_buckets)]

@@ -101,7 +101,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             {"model.uri": loaded.uri, "model.name": loaded.name, "model.version": loaded.version}
         )
         mlflow.log_metrics({f"geneval.{k}": v for k, v in scores.items()})
-        passed = report.get("passed", [])
+        passed = [bool(entry["passed"]) for entry in report["per_prompt"]]
         rows = [{"prompt": p, "passed": bool(ok)} for p, ok in zip(result["prompts"], passed, strict=False)]
         mlflow.log_table(
             {"prompt": [r["prompt"] for r in rows], "passed": [r["passed"] for r in rows]},

@@ -122,6 +122,7 @@ def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ra
         sample_every=3,
         sample_prompts=["a red circle", "a blue square"],
         sample_steps=2,
+        system_metrics_interval=0.5,
         run_name="tiny",
     )
     summary = run_train(cfg)
@@ -144,6 +145,14 @@ def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ra
     assert [m.step for m in losses] == [2, 4, 6]
     assert all(math.isfinite(m.value) for m in losses)
     assert client.get_metric_history(run.info.run_id, "samples_per_second")[0].value > 0
+    assert 0 <= client.get_metric_history(run.info.run_id, "data_wait_fraction")[0].value < 1
+    assert client.get_metric_history(run.info.run_id, "grad_norm")[0].value > 0
+    # Cosine decay: the learning rate after warm-up falls towards min_lr_ratio * lr.
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lrs[1] > lrs[2] >= cfg.lr * cfg.min_lr_ratio
+    metric_names = set(run.data.metrics)
+    assert {"loss_t000-249", "loss_t250-499", "loss_t500-749", "loss_t750-999"} <= metric_names
+    assert any(name.startswith("system/cpu_utilization") for name in metric_names)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     sample_steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png"))
     assert sample_steps == [3, 6]
@@ -161,9 +170,16 @@ def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ra
     assert pipe.scheduler.config.prediction_type == "epsilon"
     from safetensors.torch import load_file
 
-    checkpointed = load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors"))
+    # The export is the EMA of the weights, not the last weights.
+    assert summary["exported_weights"] == "ema_unet"
+    ema = load_file(str(checkpoint / "ema_unet" / "diffusion_pytorch_model.safetensors"))
+    last = load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors"))
     exported = pipe.unet.state_dict()
-    assert all(torch.equal(exported[name], value) for name, value in checkpointed.items())
+    assert all(torch.equal(exported[name], value) for name, value in ema.items())
+    assert any(not torch.equal(ema[name], value) for name, value in last.items())
+    # Both DDP replicas ended with the same weights.
+    assert len(summary["replicas"]) == 2
+    assert summary["replicas"][0]["sha256"] == summary["replicas"][1]["sha256"]
     result = generate(pipe, "a red circle", num_inference_steps=2, seed=1)
     assert result.images[0].size == (32, 32)
     assert np.asarray(result.images[0]).std() > 0

@@ -3,10 +3,13 @@
 The architecture (``unet``) is kept apart from the run keys: the former must match when weights are
 loaded back, the latter may change between runs. The defaults are the CPU demo: two Ray Train workers
 of half a CPU each (the rest of the machine stays free for Ray Data, TRAPS.md), batch 64, and a time
-budget that ends training cleanly whatever ``max_steps`` says.
+budget that ends training cleanly whatever ``max_steps`` says. The recipe keys (EMA, schedule,
+accumulation, precision) are the Stable Diffusion training recipe; docs/TRAINING.md explains each.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -39,27 +42,45 @@ class TrainConfig(ConfigBase):
     noise_offset: float = Field(0.0, ge=0)
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # p of training on the empty prompt (for CFG)
 
-    # Optimisation.
-    batch_size: int = Field(64, ge=1)  # global: split evenly over the workers
-    max_steps: int = Field(5000, ge=1)
+    # Optimisation: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr at max_steps.
+    batch_size: int = Field(64, ge=1)  # global per optimizer step: num_workers x grad_accum_steps x micro
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches summed before each optimizer step
+    max_steps: int = Field(5000, ge=1)  # optimizer steps; also the cosine decay's horizon
     max_minutes: float | None = Field(8.0, gt=0)  # time budget; training stops cleanly when reached
     lr: float = Field(5e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the cosine ends at min_lr_ratio * lr
     weight_decay: float = Field(1e-2, ge=0)
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    # EMA of the U-Net weights (samples and export use it); None disables. The decay warms up as
+    # min(ema_decay, (1 + step) / (10 + step)) so that a short run is not dominated by its initial weights.
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # trade compute for activation memory (big U-Nets on GPU)
+    init_from: str | None = None  # model URI (folder, models:/ldm@champion) whose U-Net starts training
     seed: int = 0
+
+    # Data: each worker streams its shard of latents/ with a row-level shuffle buffer.
+    shuffle_buffer: int = Field(1024, ge=0)  # rows per worker; 0 reads in file order
 
     # Ray Train.
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     torch_threads: int = Field(1, ge=1)  # per worker
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     ray_address: str | None = None
     num_cpus: int | None = None  # for a local Ray started by this job
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
+    checkpoints_to_keep: int = Field(2, ge=1)
 
     # Hooks: checkpoints, logging and sample grids (they watch the loop, never change it).
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
+    timestep_buckets: int = Field(4, ge=1, le=20)  # loss logged per range of t, e.g. loss_t000-249
+    system_metrics: bool = True  # CPU/GPU/memory/disk of rank 0's node, as system/* metrics
+    system_metrics_interval: float = Field(10.0, gt=0)  # seconds
     sample_every: int = Field(200, ge=1)
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_seed: int = 0
@@ -73,8 +94,14 @@ class TrainConfig(ConfigBase):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
-        if self.batch_size % self.num_workers:
+        parts = self.num_workers * self.grad_accum_steps
+        if self.batch_size % parts:
             raise ValueError(
-                f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}"
+                f"batch_size {self.batch_size} is not divisible by num_workers x grad_accum_steps = {parts}"
             )
         return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per worker per forward/backward pass."""
+        return self.batch_size // (self.num_workers * self.grad_accum_steps)
