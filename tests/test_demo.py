@@ -71,8 +71,8 @@ def test_demo_end_to_end_small(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("ldm", "champion").version == version
-    assert client.get_model_version_by_alias("ldm", "candidate").version == version
+    assert str(client.get_model_version_by_alias("ldm", "champion").version) == version
+    assert str(client.get_model_version_by_alias("ldm", "candidate").version) == version
     assert set(summary["eval"]["scores"]) >= {"overall"}
 
     from PIL import Image
