@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-import torch
+from ingest_fixtures import SCALING_FACTOR, write_tiny_models
 
-from ldm.config.bootstrap import AutoencoderConfig, ClipConfig
 from ldm.config.ingest import FilterConfig, IngestConfig, StageResources
 from ldm.config.synth import BadRowRates, SynthConfig
 from ldm.contract import (
@@ -38,41 +37,11 @@ from ldm.contract import (
 from ldm.text import encode_captions
 from pipelines.stages import ClipScorer, LatentEncoder
 
-SCALING_FACTOR = 1.25
-TINY_CLIP = ClipConfig(
-    embed_dim=32,
-    image_size=64,
-    patch_size=16,
-    vision_width=64,
-    vision_layers=1,
-    text_width=32,
-    text_layers=1,
-    head_width=16,
-    context_length=16,
-)
-TINY_AE = AutoencoderConfig(block_out_channels=(8, 16, 16), norm_num_groups=8)
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> WorkDir:
     """A work directory holding tiny random first-stage models where `ldm bootstrap` would put them."""
-    from ldm.first_stage.autoencoder import build_autoencoder, save_autoencoder
-    from ldm.first_stage.clip import build_clip, save_clip
-    from ldm.first_stage.text_encoder import (
-        build_text_tokenizer,
-        clip_text_tower_to_transformers,
-        save_text_encoder,
-    )
-
-    work = WorkDir(tmp_path_factory.mktemp("ingest-work"))
-    torch.manual_seed(0)
-    clip = build_clip(TINY_CLIP)
-    save_clip(clip, work.clip)
-    save_text_encoder(build_text_tokenizer(clip), clip_text_tower_to_transformers(clip), work.models)
-    vae = build_autoencoder(TINY_AE)
-    vae.register_to_config(scaling_factor=SCALING_FACTOR)
-    save_autoencoder(vae, work.autoencoder)
-    return work
+    return write_tiny_models(tmp_path_factory.mktemp("ingest-work"))
 
 
 def test_clip_scorer_rejects_below_the_threshold(workdir):
