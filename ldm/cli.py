@@ -190,8 +190,10 @@ def eval_(
         _save_config(cfg, "eval")
         report = run_eval(cfg)
         for category, value in report["scores"].items():
-            typer.echo(f"{category:>14}: {value:.3f}")
-        typer.echo(json.dumps(report["scores"]))
+            typer.echo(
+                f"{category:>14}: {value:.3f}   (autoencoder ceiling {report['ceiling'][category]:.3f})"
+            )
+        typer.echo(json.dumps({**report["scores"], "autoencoder_ceiling": report["ceiling"]["overall"]}))
 
     _run(job)
 

@@ -13,7 +13,9 @@ import torch
 
 
 @torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions: list[str], device: str | torch.device = "cpu") -> torch.Tensor:
+def encode_captions(
+    tokenizer, text_encoder, captions: list[str], device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Return the text encoder's last hidden state, [N, L, D] float32, L = tokenizer.model_max_length."""
     tokens = tokenizer(
         list(captions),

@@ -218,8 +218,10 @@ def update_ema(ema_unet: torch.nn.Module, unet: torch.nn.Module, decay: float) -
     U-Net module: it samples, checkpoints and exports with ``save_pretrained`` exactly like the
     trained one, with no second state format.
     """
-    for ema_param, param in zip(ema_unet.parameters(), unet.parameters(), strict=True):
-        ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
+    ema_params = list(ema_unet.parameters())
+    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, unet.parameters(), strict=True)]
+    # One fused multi-tensor kernel instead of one per parameter (hundreds of launches a step on GPU).
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
 def caption_dropout(

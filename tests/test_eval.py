@@ -48,8 +48,11 @@ def test_ldm_eval_prints_per_category_scores_ends_with_json_and_logs_to_mlflow(t
 
     lines = result.stdout.strip().splitlines()  # stdout only: progress bars go to stderr
     scores = json.loads(lines[-1])
-    assert set(scores) == {*CATEGORIES, "overall"}
+    assert set(scores) == {*CATEGORIES, "overall", "autoencoder_ceiling"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
+    # The ceiling scores true renders after the model's own (random) autoencoder: were the round trip
+    # skipped, clean renders would score 1.0 (tests/test_evaluation.py).
+    assert scores["autoencoder_ceiling"] < 0.5
     assert scores["overall"] == pytest.approx(sum(scores[c] for c in CATEGORIES) / len(CATEGORIES))
     for category in CATEGORIES:  # a human-readable line per category before the JSON
         assert any(line.strip().startswith(f"{category}:") for line in lines[:-1])
@@ -59,6 +62,8 @@ def test_ldm_eval_prints_per_category_scores_ends_with_json_and_logs_to_mlflow(t
     experiment = client.get_experiment_by_name("eval")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.metrics["geneval.overall"] == pytest.approx(scores["overall"])
+    assert run.data.metrics["ceiling.overall"] == pytest.approx(scores["autoencoder_ceiling"])
+    assert {f"ceiling.{c}" for c in CATEGORIES} <= set(run.data.metrics)
     assert run.data.params["model.version"] == version
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/scores.json", "eval/per_prompt.json"} <= artifacts

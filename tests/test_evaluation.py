@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ldm.evaluation import Detection, check, detect_objects, score
+from ldm.evaluation import Detection, check, detect_objects, judge, score
+from ldm.evaluation.geneval import CLUTTER_LIMIT, MIN_SHAPE_IOU
 from ldm.synth import (
     BACKGROUND,
     CATEGORIES,
@@ -72,8 +73,8 @@ def test_detector_ignores_specks_and_off_palette_blobs():
         detect_objects(np.zeros((64, 64), dtype=np.uint8))
 
 
-def _obj(color: str, shape: str, cx: float, cy: float, size: str = "small") -> Detection:
-    return Detection(color, shape, size, cx, cy, area=100.0, bbox=(0, 0, 1, 1), iou=1.0)
+def _obj(color: str, shape: str, cx: float, cy: float, size: str = "small", iou: float = 1.0) -> Detection:
+    return Detection(color, shape, size, cx, cy, area=100.0, bbox=(0, 0, 1, 1), iou=iou)
 
 
 def test_rules_per_category():
@@ -135,3 +136,28 @@ def test_clean_heldout_renders_score_one_and_shuffled_pairs_score_low():
         score(prompts, images[:-1])
     with pytest.raises(ValueError):
         score(["a red dog"], images[:1])
+
+
+def test_judge_counts_only_recognisable_shapes_and_fails_cluttered_images():
+    spec = parse_caption("a red circle")
+    assert judge(spec, [_obj("red", "circle", 32, 32)])
+    # a blob whose best template is a circle, but barely: not an object
+    assert not judge(spec, [_obj("red", "circle", 32, 32, iou=MIN_SHAPE_IOU - 0.01)])
+    # the right object amid more blobs than any scene of the grammar holds
+    clutter = [_obj("blue", "square", 10 * i, 5) for i in range(CLUTTER_LIMIT)]
+    assert judge(spec, [_obj("red", "circle", 32, 32), *clutter[:-1]])
+    assert not judge(spec, [_obj("red", "circle", 32, 32), *clutter])
+
+
+def test_noise_images_score_zero():
+    """What an untrained model makes (smooth colour noise, decoded from random 16x16 latents) must not
+    pass by chance: its dozen blobs of every colour and shape once satisfied "a star and a circle"."""
+    rng = np.random.default_rng(21)
+    prompts = heldout_prompts(60, seed=0)
+    images = [
+        Image.fromarray(rng.uniform(0, 255, (16, 16, 3)).astype(np.uint8)).resize((64, 64), Image.BILINEAR)
+        for _ in prompts
+    ]
+    assert max(len(detect_objects(image)) for image in images) > CLUTTER_LIMIT  # the detector does fire
+    report = score(prompts, images)
+    assert report["overall"] == 0.0, [p for p in report["per_prompt"] if p["passed"]]

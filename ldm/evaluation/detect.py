@@ -30,9 +30,9 @@ from scipy import ndimage
 from ldm.synth.grammar import COLORS, REFERENCE_SIZE, SHAPES, SIZE_RADIUS
 from ldm.synth.render import draw_shape, shape_centroid_offset
 
-# Components smaller than this (in 64 px reference pixels) are specks, not objects. The smallest
-# object of the grammar (a small star) covers ~70.
-MIN_AREA = 20.0
+# Components smaller than this (in 64 px reference pixels) are specks, not objects: half the smallest
+# object of the grammar (a small star covers ~77, ~72 after the demo autoencoder's round trip).
+MIN_AREA = 35.0
 # A pixel farther than this from every palette colour's blend line is not part of an object
 # (palette colours are >=100 apart, so 80 still accepts a colour shifted by a lossy decoder).
 MAX_COLOR_DISTANCE = 80.0

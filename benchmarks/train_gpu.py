@@ -1,0 +1,370 @@
+"""GPU figures for `ldm train`'s step: samples/s and MFU, and how far more compute takes the demo model.
+
+Issue 4 item 9. Runs on one CUDA device (it falls back to the CPU only so that the script itself can be
+checked on a laptop with tiny settings). Two parts, one JSON line each, plus a summary at the end:
+
+1. ``throughput``: seconds per optimizer step, samples/s and model FLOPs utilisation of the training
+   step at two sizes, with bf16 autocast as ``mixed_precision="auto"`` gives on GPU:
+   - ``demo``: the default ``UNetConfig`` (5.6M parameters) on 4x16x16 latents and [32, 128] text;
+   - ``sd15``: Stable Diffusion 1.5's U-Net shape (860M parameters) on 4x64x64 latents and [77, 768]
+     text, the production size this recipe is for.
+   FLOPs per step are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward and
+   backward pass (matmuls, convolutions, attention), MFU = FLOPs per step / seconds per step / the
+   chip's dense bf16 peak.
+2. ``quality`` (``--latents DIR``, the demo's ``data/latents``): trains U-Nets on the demo's real
+   latents with the recipe's defaults (``TrainConfig``) for the demo's 400 steps and for as many steps
+   as ``--quality-seconds`` buys, and writes each run's EMA weights (fp16 safetensors) and U-Net config
+   to ``--out``. Score them with the real evaluation on any machine:
+   ``python benchmarks/train_gpu.py export --weights W --template EXPORTED_PIPELINE --dest DIR`` then
+   ``ldm eval --model DIR``.
+
+Why a single-process loop rather than ``ldm train``: the device this was written for cannot install
+Ray (no network, and the wheel is larger than what may be carried there). The loop below is the body
+of ``pipelines.train.train_loop_per_worker`` for one worker without DDP, built from the same functions
+(``build_unet``, ``training_loss_terms``, ``autocast``, ``learning_rate``, ``update_ema``,
+``caption_dropout``), so the numbers are those of the real step; what it leaves out is Ray Data's
+iterator (measured separately by ``benchmarks/train.py``) and the NCCL all-reduce. Usage:
+
+    python benchmarks/train_gpu.py run --latents DIR --empty-embedding empty.npy --out OUT
+    python benchmarks/train_gpu.py run --tiny --latents DIR --empty-embedding empty.npy --out OUT  # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Dense bf16 peak of the chips this is run on (vendor datasheets, SXM parts, no sparsity).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+SD15_UNET = {
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+}
+# The demo U-Net with cross-attention at every resolution (16x16 too): where layout words can act.
+ATTN_ALL_UNET = {
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+    "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+}
+
+
+def log(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+class StepRunner:
+    """One worker's optimizer step of ``pipelines.train.train_loop_per_worker`` (grad_accum_steps=1)."""
+
+    def __init__(self, cfg, sample_size: int, channels: int, text_dim: int, device: torch.device):
+        from ldm.diffusion import make_noise_scheduler
+        from ldm.unet import build_unet
+
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device
+        self.unet = build_unet(cfg.unet, sample_size, channels, text_dim).to(device)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if cfg.ema_decay else None
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = make_noise_scheduler(cfg.prediction_type)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.step = 0
+
+    def loss(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        from ldm.diffusion import training_loss_terms
+        from pipelines.train import autocast
+
+        cfg = self.cfg
+        with autocast(cfg, self.device):
+            return training_loss_terms(
+                self.unet,
+                latents,
+                text,
+                self.scheduler,
+                prediction_type=cfg.prediction_type,
+                loss_weighting=cfg.loss_weighting,
+                snr_gamma=cfg.snr_gamma,
+                noise_offset=cfg.noise_offset,
+                generator=self.generator,
+            ).loss
+
+    def __call__(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        from pipelines.train import ema_decay_at, learning_rate, update_ema
+
+        cfg = self.cfg
+        loss = self.loss(latents, text)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip or math.inf)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, cfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            update_ema(self.ema, self.unet, ema_decay_at(self.step, cfg.ema_decay))
+        self.step += 1
+        return loss.detach()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_step(runner: StepRunner, latents: torch.Tensor, text: torch.Tensor) -> int:
+    """Forward + backward FLOPs of one micro-batch, counted op by op (optimizer and EMA excluded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        runner.loss(latents, text).backward()
+    runner.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for chip, peak in PEAK_BF16_FLOPS.items() if chip in name), None)
+
+
+def throughput(
+    name: str, unet: dict, shape: tuple, text_shape: tuple, batch: int, steps: int, device
+) -> dict:
+    from ldm.config.train import TrainConfig
+
+    cfg = TrainConfig(unet=unet, batch_size=batch, num_workers=1, max_steps=10_000, max_minutes=None)
+    runner = StepRunner(cfg, shape[1], shape[0], text_shape[1], device)
+    latents = torch.randn((batch, *shape), device=device)
+    text = torch.randn((batch, *text_shape), device=device)
+    flops = flops_per_step(runner, latents, text)
+    for _ in range(max(3, steps // 5)):  # warm-up: cuDNN autotuning, allocator
+        runner(latents, text)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = runner(latents, text)
+    loss.item()
+    synchronize(device)
+    seconds = (time.perf_counter() - started) / steps
+    peak = peak_flops(device)
+    record = {
+        "part": "throughput",
+        "model": name,
+        "parameters_m": round(sum(p.numel() for p in runner.unet.parameters()) / 1e6, 2),
+        "latent_shape": list(shape),
+        "batch_size": batch,
+        "seconds_per_step": round(seconds, 5),
+        "samples_per_second": round(batch / seconds, 1),
+        "tflop_per_step": round(flops / 1e12, 3),
+        "achieved_tflops": round(flops / seconds / 1e12, 1),
+        "mfu": round(flops / seconds / peak, 4) if peak else None,
+        "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+        if device.type == "cuda"
+        else None,
+    }
+    del runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return record
+
+
+def load_latents(folder: Path, device: torch.device):
+    """All of the demo's latents (scaled) and text embeddings, on the device: they fit many times over."""
+    import pyarrow.parquet as pq
+
+    from ldm.contract import COL_LATENT, COL_TEXT_EMBEDDING
+    from pipelines.train import read_latents_facts
+
+    facts = read_latents_facts(str(folder))
+    table = pq.read_table(folder, columns=[COL_LATENT, COL_TEXT_EMBEDDING])
+    latents = np.stack(table.column(COL_LATENT).to_numpy(zero_copy_only=False)).reshape(
+        -1, *facts.latent_shape
+    )
+    text = np.stack(table.column(COL_TEXT_EMBEDDING).to_numpy(zero_copy_only=False)).reshape(
+        -1, *facts.text_embedding_shape
+    )
+    return (
+        facts,
+        torch.tensor(latents, dtype=torch.float32, device=device) * facts.scaling_factor,
+        torch.tensor(text, dtype=torch.float32, device=device),
+    )
+
+
+def quality_run(
+    name: str,
+    unet: dict,
+    batch: int,
+    max_steps: int,
+    seconds: float | None,
+    data,
+    empty: torch.Tensor,
+    out: Path,
+    device: torch.device,
+    seed: int = 0,
+) -> dict:
+    """Train with the demo's recipe; the cosine spans ``max_steps`` (or what ``seconds`` buys at the
+    speed of the first 50 steps, whichever is smaller); write the EMA weights."""
+    from safetensors.torch import save_file
+
+    from ldm.config.train import TrainConfig
+    from pipelines.train import caption_dropout, derived_seed
+
+    facts, latents, text = data
+    cfg = TrainConfig(
+        unet=unet, batch_size=batch, num_workers=1, max_steps=max_steps, max_minutes=None, seed=seed
+    )
+    runner = StepRunner(
+        cfg, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1], device
+    )
+    rows, epoch, cursor, rows_done = latents.shape[0], 0, 0, 0
+    order: torch.Tensor | None = None
+    started = time.perf_counter()
+    losses: list[float] = []
+    while runner.step < cfg.max_steps:
+        if order is None or cursor + cfg.batch_size > rows:  # a fresh shuffle and caption dropout each epoch
+            shuffle = torch.Generator().manual_seed(derived_seed(seed, 0, epoch, 2))
+            dropout = torch.Generator().manual_seed(derived_seed(seed, 0, epoch, 1))
+            order, cursor, epoch = torch.randperm(rows, generator=shuffle).to(device), 0, epoch + 1
+        index = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        batch_text = caption_dropout(text[index], empty, cfg.caption_dropout, dropout)
+        losses.append(runner(latents[index], batch_text))
+        rows_done += cfg.batch_size
+        if runner.step == 50 and seconds is not None and max_steps > 50:
+            synchronize(device)
+            rate = 50 / (time.perf_counter() - started)
+            affordable = int(rate * seconds)
+            if affordable < cfg.max_steps:  # shorten the horizon so that the cosine still completes
+                cfg = cfg.model_copy(update={"max_steps": max(affordable, 100)})
+                runner.cfg = cfg
+    synchronize(device)
+    elapsed = time.perf_counter() - started
+    weights = out / f"{name}.safetensors"
+    state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in runner.ema.state_dict().items()}
+    save_file(
+        state,
+        str(weights),
+        metadata={"unet_config": json.dumps(runner.unet.config), "steps": str(runner.step)},
+    )
+    tail = torch.stack(losses[-50:]).float().mean().item()
+    return {
+        "part": "quality",
+        "run": name,
+        "steps": runner.step,
+        "epochs": round(rows_done / rows, 1),
+        "batch_size": cfg.batch_size,
+        "seconds": round(elapsed, 1),
+        "steps_per_second": round(runner.step / elapsed, 1),
+        "final_loss_last50": round(tail, 4),
+        "weights": weights.name,
+    }
+
+
+def run(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {
+        "part": "device",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    log(env)
+    records = [env]
+    if args.tiny:  # check the script on a CPU: tiny sizes, a few steps
+        sizes = [("demo", {}, (4, 16, 16), (32, 128), 8, 3)]
+        quality = [("demo400", {}, 64, 12, None)]
+    else:
+        sizes = [
+            ("demo", {}, (4, 16, 16), (32, 128), 64, 50),
+            ("demo", {}, (4, 16, 16), (32, 128), 256, 50),
+            ("sd15", SD15_UNET, (4, 64, 64), (77, 768), 32, 20),
+        ]
+        quality = [
+            ("demo400", {}, 64, 400, None),  # the CPU demo's run
+            ("demo_long", {}, 64, args.quality_max_steps, args.quality_seconds),
+            ("demo_long_b256", {}, 256, args.quality_max_steps, args.quality_seconds),
+            ("attn_all_long", ATTN_ALL_UNET, 64, args.quality_max_steps, args.quality_seconds),
+        ]
+    if not args.skip_throughput:
+        for name, unet, shape, text_shape, batch, steps in sizes:
+            record = throughput(name, unet, shape, text_shape, batch, steps, device)
+            log(record)
+            records.append(record)
+    if args.latents:
+        data = load_latents(Path(args.latents), device)
+        empty = torch.tensor(np.load(args.empty_embedding), dtype=torch.float32, device=device)
+        for name, unet, batch, max_steps, seconds in quality:
+            record = quality_run(name, unet, batch, max_steps, seconds, data, empty, out, device)
+            log(record)
+            records.append(record)
+    (out / "train_gpu.json").write_text(json.dumps(records, indent=1))
+
+
+def export(args) -> None:
+    """A pipeline folder = ``--template`` (an exported pipeline) with its U-Net replaced by ``--weights``."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(args.weights, framework="pt") as handle:
+        config = json.loads(handle.metadata()["unet_config"])
+    unet = UNet2DConditionModel.from_config(config)
+    unet.load_state_dict({k: v.float() for k, v in load_file(args.weights).items()})
+    dest = Path(args.dest)
+    shutil.copytree(args.template, dest, ignore=shutil.ignore_patterns("unet"))
+    unet.save_pretrained(dest / "unet")
+    print(dest)
+
+
+def prepare(args) -> None:
+    """The empty prompt's embedding of a work directory's text encoder, for ``run --empty-embedding``."""
+    from ldm.contract import WorkDir
+    from ldm.first_stage.text_encoder import load_text_encoder
+    from ldm.text import encode_captions
+
+    tokenizer, text_encoder = load_text_encoder(str(WorkDir(args.workdir).models))
+    np.save(args.dest, encode_captions(tokenizer, text_encoder, [""])[0].float().numpy())
+    print(args.dest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="throughput and quality runs on this machine's GPU")
+    r.add_argument("--out", required=True)
+    r.add_argument("--latents", help="the demo's data/latents folder; without it only throughput runs")
+    r.add_argument("--empty-embedding", help=".npy of the empty prompt's embedding [L, D] (caption dropout)")
+    r.add_argument("--quality-seconds", type=float, default=100.0, help="time budget of each long run")
+    r.add_argument("--quality-max-steps", type=int, default=20_000)
+    r.add_argument("--skip-throughput", action="store_true")
+    r.add_argument(
+        "--tiny", action="store_true", help="a few steps at tiny sizes (checks the script on a CPU)"
+    )
+    e = sub.add_parser("export", help="turn written weights into a pipeline folder for `ldm eval`")
+    e.add_argument("--weights", required=True)
+    e.add_argument("--template", required=True, help="an exported pipeline folder (its U-Net is replaced)")
+    e.add_argument("--dest", required=True)
+    p = sub.add_parser("prepare", help="write the empty prompt's embedding of a work directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--dest", required=True)
+    args = parser.parse_args()
+    {"run": run, "export": export, "prepare": prepare}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
