@@ -331,6 +331,127 @@ def export(args) -> None:
     print(dest)
 
 
+def autoencoders(args) -> None:
+    """Train the bootstrap's autoencoder for longer, and a wider one, with ``train_autoencoder`` on
+    the bootstrap's own training renders, and measure each one's ceiling: what the evaluation scores
+    true renders of its held-out prompts after a round trip (``ldm.evaluate.autoencoder_ceiling``),
+    the best any U-Net could score through it."""
+    from ldm.config.bootstrap import AutoencoderConfig
+    from ldm.evaluate import autoencoder_ceiling
+    from ldm.first_stage import autoencoder as ae
+    from ldm.synth.grammar import heldout_prompts
+    from ldm.synth.render import render_batch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, _, _ = render_batch(args.images, seed=0)
+    held, _, _ = render_batch(256, seed=args.images + 1)
+    steps = args.ae_steps
+    records = []
+    variants = [
+        ("ae_demo", {}),  # the demo's bootstrap as configured
+        ("ae_long", {"steps": steps, "batch_size": 64}),
+        ("ae_wide_long", {"block_out_channels": (32, 64, 128), "steps": steps, "batch_size": 64}),
+    ]
+    for name, update in variants:
+        cfg = AutoencoderConfig(**{**update, **({"steps": 3} if args.tiny else {})})
+        torch.manual_seed(0)
+        vae = ae.build_autoencoder(cfg).to(device)
+        started = time.perf_counter()
+        ae.train_autoencoder(vae, images, cfg, seed=0, log=lambda _message: None)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        vae.eval()
+        record = {
+            "part": "autoencoder",
+            "run": name,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "block_out_channels": list(cfg.block_out_channels),
+            "seconds": round(seconds, 1),
+            "psnr_db": round(ae.reconstruction_psnr(vae, held), 2),
+            # the eval's held-out prompts (EvalConfig's defaults, 96 of them)
+            "ceiling": autoencoder_ceiling(vae, heldout_prompts(96, 1234), 0, cfg.image_size),
+            "scaling_factor": round(ae.latent_scaling_factor(vae, images[: cfg.scaling_images]), 4),
+        }
+        log(record)
+        records.append(record)
+    (out / "autoencoders.json").write_text(json.dumps(records, indent=1))
+
+
+def shape_edit(caption: str) -> str:
+    """``caption`` with its first object's shape changed: a negative only shape tells apart."""
+    from dataclasses import replace
+
+    from ldm.synth.grammar import SHAPES, parse_caption
+
+    spec = parse_caption(caption)
+    first = spec.objects[0]
+    for shape in SHAPES:
+        if shape == first.shape:
+            continue
+        edited = replace(spec, objects=(replace(first, shape=shape), *spec.objects[1:])).caption()
+        try:
+            parse_caption(edited)
+        except ValueError:
+            continue
+        return edited
+    raise ValueError(f"no shape edit of {caption!r} stays in the grammar")
+
+
+def clips(args) -> None:
+    """Train the bootstrap's CLIP for longer (and with finer patches) on the
+    bootstrap's training renders, and measure how well each tells a caption from a false one: a random
+    other caption (the bootstrap's gate), one attribute changed, the shape alone changed."""
+    from ldm.config.bootstrap import BootstrapConfig, ClipConfig
+    from ldm.first_stage import clip
+    from ldm.first_stage.bootstrap import HELDOUT_SEED_OFFSET, _mismatched_captions
+    from ldm.synth.grammar import hard_negatives
+    from ldm.synth.render import render_batch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, captions, _ = render_batch(args.images, seed=0)
+    held, held_captions, held_scenes = render_batch(512, seed=HELDOUT_SEED_OFFSET)
+    rng = np.random.default_rng(0)
+    negatives = {
+        "random": _mismatched_captions(held_scenes, 0),
+        "one_attribute": [str(rng.choice(hard_negatives(c))) for c in held_captions],
+        "shape_only": [shape_edit(c) for c in held_captions],
+    }
+    steps = 3 if args.tiny else args.clip_steps
+    records = []
+    for name, update in [
+        ("clip_demo", {}),
+        ("clip_long", {"steps": steps}),
+        ("clip_long_patch4", {"steps": steps, "patch_size": 4}),
+    ]:
+        cfg = ClipConfig(**{**update, **({"steps": 3} if args.tiny else {})})
+        torch.manual_seed(0)
+        bundle = clip.bundle_for(clip.build_clip(cfg), name=name)
+        bundle.model.to(device)
+        started = time.perf_counter()
+        clip.train_clip(bundle, images, captions, cfg, seed=0, log=lambda _message: None)
+        synchronize(device)
+        record = {
+            "part": "clip",
+            "run": name,
+            "steps": cfg.steps,
+            "patch_size": cfg.patch_size,
+            "seconds": round(time.perf_counter() - started, 1),
+            **{
+                f"auc_{kind}": round(clip.matched_vs_mismatched_auc(bundle, held, held_captions, false), 4)
+                for kind, false in negatives.items()
+            },
+            "gate": BootstrapConfig().min_clip_auc,
+        }
+        log(record)
+        records.append(record)
+    (out / "clips.json").write_text(json.dumps(records, indent=1))
+
+
 def prepare(args) -> None:
     """The empty prompt's embedding of a work directory's text encoder, for ``run --empty-embedding``."""
     from ldm.contract import WorkDir
@@ -359,11 +480,23 @@ def main() -> None:
     e.add_argument("--weights", required=True)
     e.add_argument("--template", required=True, help="an exported pipeline folder (its U-Net is replaced)")
     e.add_argument("--dest", required=True)
+    a = sub.add_parser("autoencoders", help="longer and wider autoencoder runs (their ceilings)")
+    a.add_argument("--out", required=True)
+    a.add_argument("--images", type=int, default=20_000, help="training renders, as the bootstrap")
+    a.add_argument("--ae-steps", type=int, default=4000)
+    a.add_argument("--tiny", action="store_true", help="3 steps each (checks the script on a CPU)")
+    c = sub.add_parser("clips", help="longer and finer CLIP runs (what they tell apart)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--images", type=int, default=20_000, help="training renders, as the bootstrap")
+    c.add_argument("--clip-steps", type=int, default=3000)
+    c.add_argument("--tiny", action="store_true", help="3 steps each (checks the script on a CPU)")
     p = sub.add_parser("prepare", help="write the empty prompt's embedding of a work directory")
     p.add_argument("--workdir", required=True)
     p.add_argument("--dest", required=True)
     args = parser.parse_args()
-    {"run": run, "export": export, "prepare": prepare}[args.command](args)
+    {"run": run, "export": export, "prepare": prepare, "autoencoders": autoencoders, "clips": clips}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":

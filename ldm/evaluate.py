@@ -41,7 +41,7 @@ def _generate_all(pipe, prompts: list[str], cfg: EvalConfig) -> list:
     return images
 
 
-def autoencoder_ceiling(pipe, prompts: list[str], seed: int) -> dict[str, float]:
+def autoencoder_ceiling(vae, prompts: list[str], seed: int, size: int) -> dict[str, float]:
     """Scores of true renders of ``prompts`` after a round trip through the pipeline's autoencoder.
 
     No U-Net can do better than its first stage lets it: a detail the autoencoder cannot reconstruct
@@ -53,16 +53,14 @@ def autoencoder_ceiling(pipe, prompts: list[str], seed: int) -> dict[str, float]
 
     from ldm.evaluation.geneval import score
     from ldm.first_stage.autoencoder import decode_latents, encode_images
-    from ldm.pipeline import output_size
     from ldm.synth.grammar import parse_caption, scene_for_prompt
     from ldm.synth.render import render_scene
 
     rng = np.random.default_rng(seed)
-    size = output_size(pipe)
     renders = np.stack(
         [np.asarray(render_scene(scene_for_prompt(parse_caption(p), rng), size=size)) for p in prompts]
     )
-    decoded = decode_latents(pipe.vae, encode_images(pipe.vae, renders))
+    decoded = decode_latents(vae, encode_images(vae, renders))
     report = score(prompts, [Image.fromarray(image) for image in decoded])
     return {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
 
@@ -71,7 +69,7 @@ def evaluate_model(cfg: EvalConfig, model_uri: str | None = None) -> dict[str, A
     """Generate for the held-out prompts and score them; returns scores, per-prompt results, images,
     and the autoencoder's ceiling on the same prompts."""
     from ldm.evaluation.geneval import score
-    from ldm.pipeline import load_pipeline
+    from ldm.pipeline import load_pipeline, output_size
     from ldm.synth.grammar import heldout_prompts
 
     prompts = heldout_prompts(cfg.num_prompts, cfg.prompt_seed)
@@ -79,7 +77,7 @@ def evaluate_model(cfg: EvalConfig, model_uri: str | None = None) -> dict[str, A
     images = _generate_all(loaded.pipe, prompts, cfg)
     expanded = [p for p in prompts for _ in range(cfg.images_per_prompt)]
     report = score(expanded, images)
-    ceiling = autoencoder_ceiling(loaded.pipe, prompts, cfg.seed)
+    ceiling = autoencoder_ceiling(loaded.pipe.vae, prompts, cfg.seed, output_size(loaded.pipe))
     return {"loaded": loaded, "prompts": expanded, "images": images, "report": report, "ceiling": ceiling}
 
 

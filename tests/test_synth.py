@@ -286,3 +286,22 @@ def test_run_synth_writes_pairs_into_the_workdir(tmp_path):
     assert pq.read_table(WorkDir(tmp_path).pairs) == pq.read_table(
         write_pairs(WorkDir(tmp_path).synth, cfg.base_url)
     )
+
+
+def test_hard_negatives_are_false_of_their_scenes_and_one_attribute_away():
+    from ldm.synth.grammar import hard_negatives, sample_scene
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        negatives = hard_negatives(scene.caption)
+        assert negatives and scene.caption not in negatives
+        for caption in negatives:
+            assert not check(parse_caption(caption), scene.objects), (scene.caption, caption)
+            # one attribute away: same number of words changed at most by a count/position phrase
+            assert abs(len(caption.split()) - len(scene.caption.split())) <= 1
+    assert "a red square" in hard_negatives("a red circle")
+    assert "a blue circle and a red square" in hard_negatives("a red circle and a blue square")  # binding
+    assert "a red circle to the right of a blue square" in hard_negatives(
+        "a red circle to the left of a blue square"
+    )

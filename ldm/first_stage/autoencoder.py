@@ -133,7 +133,7 @@ def train_autoencoder(
     started = time.perf_counter()
     for step in range(cfg.steps):
         index = torch.randint(len(images), (cfg.batch_size,), generator=generator).numpy()
-        pixels = images_to_tensor(images[index])  # [B, 3, 64, 64] in -1..1
+        pixels = images_to_tensor(images[index]).to(vae.device)  # [B, 3, 64, 64] in -1..1
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.sample(generator=generator)  # [B, 4, 16, 16]
         reconstruction = vae.decode(latents).sample

@@ -28,6 +28,7 @@ from ldm.contract import WorkDir
 from ldm.first_stage import autoencoder as ae
 from ldm.first_stage import clip
 from ldm.first_stage import text_encoder as te
+from ldm.synth.grammar import hard_negatives
 
 METRICS_FILE = "metrics.json"
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out renders use another seed than the training set
@@ -115,9 +116,17 @@ def _train_clip(cfg: BootstrapConfig, images: np.ndarray, captions: list[str], l
     )
     mismatched = _mismatched_captions(held_scenes, cfg.seed)
     auc = clip.matched_vs_mismatched_auc(bundle, held_images, held_captions, mismatched)
-    log(f"[clip] held-out ROC AUC {auc:.4f} (gate {cfg.min_clip_auc}), trained in {seconds:.0f}s")
+    # Not a gate: how well it tells a caption from one a single attribute away (shape, count, position).
+    rng = np.random.default_rng(cfg.seed)
+    hard = [str(rng.choice(hard_negatives(c))) for c in held_captions]
+    hard_auc = clip.matched_vs_mismatched_auc(bundle, held_images, held_captions, hard)
+    log(
+        f"[clip] held-out ROC AUC {auc:.4f} (gate {cfg.min_clip_auc}), against one-attribute "
+        f"negatives {hard_auc:.4f}, trained in {seconds:.0f}s"
+    )
     return bundle, {
         "roc_auc": auc,
+        "hard_negative_auc": hard_auc,
         "eval_pairs": cfg.clip.eval_pairs,
         "train_seconds": seconds,
         **_loss_summary(losses),

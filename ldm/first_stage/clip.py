@@ -286,11 +286,11 @@ def train_clip(
     started = time.perf_counter()
     for step in range(cfg.steps):
         index = torch.randint(len(captions), (cfg.batch_size,), generator=generator)
-        pixels = bundle.preprocess(images[index.numpy()])
+        pixels = bundle.preprocess(images[index.numpy()]).to(bundle.device)
         ids = caption_ids[index]
-        out = model(pixels, unique_tokens[ids])
+        out = model(pixels, unique_tokens[ids].to(bundle.device))
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # [B, B]
-        same_caption = (ids[:, None] == ids[None, :]).float()  # [B, B], symmetric
+        same_caption = (ids[:, None] == ids[None, :]).float().to(logits.device)  # [B, B], symmetric
         targets = same_caption / same_caption.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
