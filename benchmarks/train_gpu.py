@@ -1,7 +1,8 @@
 """GPU figures for `ldm train`'s step: samples/s and MFU, and how far more compute takes the demo model.
 
 Issue 4 item 9. Runs on one CUDA device (it falls back to the CPU only so that the script itself can be
-checked on a laptop with tiny settings). Two parts, one JSON line each, plus a summary at the end:
+checked on a laptop with tiny settings). Each run prints one JSON line per measurement and writes them
+all to ``--out``:
 
 1. ``throughput``: seconds per optimizer step, samples/s and model FLOPs utilisation of the training
    step at two sizes, with bf16 autocast as ``mixed_precision="auto"`` gives on GPU:
@@ -17,9 +18,13 @@ checked on a laptop with tiny settings). Two parts, one JSON line each, plus a s
    to ``--out``. Score them with the real evaluation on any machine:
    ``python benchmarks/train_gpu.py export --weights W --template EXPORTED_PIPELINE --dest DIR`` then
    ``ldm eval --model DIR``.
+3. ``clips`` and ``autoencoders``: the bootstrap's CLIP and autoencoder trained for longer (and wider
+   or with finer patches) on its own training renders, with what each CLIP tells apart (AUC against a
+   random other caption, a caption one attribute away, the same caption with another shape) and each
+   autoencoder's PSNR and ceiling (``ldm.evaluate.autoencoder_ceiling``). No files but JSON.
 
 Why a single-process loop rather than ``ldm train``: the device this was written for cannot install
-Ray (no network, and the wheel is larger than what may be carried there). The loop below is the body
+Ray (no network, and Ray's 79 MB wheel is over the 64 MiB that may be carried there). The loop below is the body
 of ``pipelines.train.train_loop_per_worker`` for one worker without DDP, built from the same functions
 (``build_unet``, ``training_loss_terms``, ``autocast``, ``learning_rate``, ``update_ema``,
 ``caption_dropout``), so the numbers are those of the real step; what it leaves out is Ray Data's
@@ -27,6 +32,9 @@ iterator (measured separately by ``benchmarks/train.py``) and the NCCL all-reduc
 
     python benchmarks/train_gpu.py run --latents DIR --empty-embedding empty.npy --out OUT
     python benchmarks/train_gpu.py run --tiny --latents DIR --empty-embedding empty.npy --out OUT  # CPU check
+    python benchmarks/train_gpu.py prepare --workdir ldm-demo --dest empty.npy  # the empty prompt's embedding
+    python benchmarks/train_gpu.py clips --out OUT
+    python benchmarks/train_gpu.py autoencoders --out OUT
 """
 
 from __future__ import annotations

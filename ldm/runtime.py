@@ -29,7 +29,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(
             address="local",
             num_cpus=num_cpus,
-            include_dashboard=False,
+            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls;
+            # without it that cleaner logs a warning every few seconds and can never clean up.
+            include_dashboard=True,
             runtime_env=runtime_env,
             log_to_driver=True,
         )

@@ -74,6 +74,7 @@ def test_demo_end_to_end_small(tmp_path):
     assert str(client.get_model_version_by_alias("ldm", "champion").version) == version
     assert str(client.get_model_version_by_alias("ldm", "candidate").version) == version
     assert set(summary["eval"]["scores"]) >= {"overall"}
+    assert 0.0 <= summary["eval"]["ceiling"]["overall"] <= 1.0
 
     from PIL import Image
 
