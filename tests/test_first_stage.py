@@ -272,6 +272,7 @@ def test_bootstrap_writes_reuses_and_gates(tmp_path):
     assert result["clip"]["loss_last"] < result["clip"]["loss_first"]
     assert result["autoencoder"]["loss_last"] < result["autoencoder"]["loss_first"]
     assert 0.0 <= result["clip"]["roc_auc"] <= 1.0 and result["autoencoder"]["psnr_db"] > 0
+    assert 0.0 <= result["clip"]["hard_negative_auc"] <= 1.0  # against one-attribute edits of each caption
     assert result["text_encoder"]["max_abs_difference"] < 1e-5
     for folder in (work.clip, work.autoencoder, work.text_encoder):
         assert json.loads((folder / "metrics.json").read_text())["digest"]
