@@ -1,0 +1,83 @@
+"""The GPU benchmark script (`benchmarks/train_gpu.py`) on the CPU at tiny sizes, so that it does not
+rot between the rare sessions that have a GPU: every subcommand runs, and what it writes loads back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_gpu.py"
+
+
+def _run(*args: str) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_train_gpu_script_end_to_end_on_cpu(tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import make_workdir  # random first-stage models and latents of the demo's shapes
+
+    from ldm.testing import tiny_pipeline_folder
+
+    work = tmp_path / "work"
+    make_workdir(work, rows=80, text_len=32, text_dim=128)
+    empty = tmp_path / "empty.npy"
+    _run("prepare", "--workdir", str(work), "--dest", str(empty))
+
+    out = tmp_path / "out"
+    records = _run(
+        "run",
+        "--tiny",
+        "--latents",
+        str(work / "data" / "latents"),
+        "--empty-embedding",
+        str(empty),
+        "--out",
+        str(out),
+    )
+    parts = {r["part"]: r for r in records}
+    assert parts["device"]["device"] == "cpu"
+    assert (
+        parts["throughput"]["tflop_per_step"] > 0 and parts["throughput"]["mfu"] is None
+    )  # no peak for a CPU
+    assert parts["quality"]["steps"] == 12
+    assert json.loads((out / "train_gpu.json").read_text()) == records
+
+    # export: the written EMA weights become the U-Net of a pipeline folder that diffusers loads
+    weights = out / parts["quality"]["weights"]
+    dest = tmp_path / "exported"
+    _run(
+        "export",
+        "--weights",
+        str(weights),
+        "--template",
+        str(tiny_pipeline_folder(tmp_path / "tpl")),
+        "--dest",
+        str(dest),
+    )
+    unet = UNet2DConditionModel.from_pretrained(dest / "unet")
+    written = load_file(str(weights))
+    assert set(written) == set(unet.state_dict())
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(tensor, written[name].float())
+
+    ae = _run("autoencoders", "--tiny", "--images", "64", "--out", str(tmp_path / "ae"))
+    assert [r["run"] for r in ae] == ["ae_demo", "ae_long", "ae_wide_long"]
+    assert all(0.0 <= r["ceiling"]["overall"] <= 1.0 and r["psnr_db"] > 0 for r in ae)
+    clips = _run("clips", "--tiny", "--images", "64", "--out", str(tmp_path / "clip"))
+    assert [r["run"] for r in clips] == ["clip_demo", "clip_long", "clip_long_patch4"]
+    assert all(0.0 <= r[f"auc_{k}"] <= 1.0 for r in clips for k in ("random", "one_attribute", "shape_only"))
