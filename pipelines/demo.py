@@ -159,7 +159,7 @@ def _print_summary(summary: dict[str, Any], work: WorkDir) -> None:
     print(f"final train loss   {train.get('final_loss')}")
     print(f"MLflow train run   {train.get('run_id')}  (model ldm version {train.get('model_version')})")
     print("eval scores        " + json.dumps(summary["eval"]["scores"]))
-    print("autoencoder ceiling" + json.dumps(summary["eval"]["ceiling"]))
+    print("eval ceiling       " + json.dumps(summary["eval"]["ceiling"]))  # autoencoder round trip
     print(f"MLflow UI          .venv/bin/mlflow ui --backend-store-uri {work.tracking_uri} --port 5000")
     print(f"endpoint (was)     {summary['serve']['endpoint']}")
     print(f"image grid         {summary['serve']['grid']}")
