@@ -123,6 +123,10 @@ class StepRunner:
         return loss.detach()
 
 
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,7 +243,7 @@ def quality_run(
     rows, epoch, cursor, rows_done = latents.shape[0], 0, 0, 0
     order: torch.Tensor | None = None
     started = time.perf_counter()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: no sync per step
     while runner.step < cfg.max_steps:
         if order is None or cursor + cfg.batch_size > rows:  # a fresh shuffle and caption dropout each epoch
             shuffle = torch.Generator().manual_seed(derived_seed(seed, 0, epoch, 2))
@@ -281,7 +285,7 @@ def quality_run(
 
 
 def run(args) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {
@@ -345,12 +349,13 @@ def autoencoders(args) -> None:
     true renders of its held-out prompts after a round trip (``ldm.evaluate.autoencoder_ceiling``),
     the best any U-Net could score through it."""
     from ldm.config.bootstrap import AutoencoderConfig
+    from ldm.config.eval import EvalConfig
     from ldm.evaluate import autoencoder_ceiling
     from ldm.first_stage import autoencoder as ae
     from ldm.synth.grammar import heldout_prompts
     from ldm.synth.render import render_batch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, _, _ = render_batch(args.images, seed=0)
@@ -379,8 +384,10 @@ def autoencoders(args) -> None:
             "block_out_channels": list(cfg.block_out_channels),
             "seconds": round(seconds, 1),
             "psnr_db": round(ae.reconstruction_psnr(vae, held), 2),
-            # the eval's held-out prompts (EvalConfig's defaults, 96 of them)
-            "ceiling": autoencoder_ceiling(vae, heldout_prompts(96, 1234), 0, cfg.image_size),
+            # the held-out prompts of `ldm eval --set num_prompts=96`
+            "ceiling": autoencoder_ceiling(
+                vae, heldout_prompts(96, EvalConfig().prompt_seed), EvalConfig().seed, cfg.image_size
+            ),
             "scaling_factor": round(ae.latent_scaling_factor(vae, images[: cfg.scaling_images]), 4),
         }
         log(record)
@@ -418,7 +425,7 @@ def clips(args) -> None:
     from ldm.synth.grammar import hard_negatives
     from ldm.synth.render import render_batch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, captions, _ = render_batch(args.images, seed=0)
