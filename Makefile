@@ -31,6 +31,7 @@ demo: $(STAMP)
 ## The full test suite (what CI runs).
 test: $(STAMP)
 	$(BIN)/ruff check ldm pipelines serve tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --timeout 1200 $(PYTEST_FLAGS) tests
 
 ## A quick subset while you work: everything but the slow end-to-end tests.
@@ -39,6 +40,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ldm pipelines serve tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/ruff format --check ldm pipelines serve tests benchmarks
 
 clean:
