@@ -168,7 +168,7 @@ def main() -> None:
             manifest = run_ingest(cfg)
             pipeline = args.rows / (time.perf_counter() - started)
             # rendered scenes can repeat exactly (duplicates); all else must be kept and encoded
-            assert manifest["counts"]["accepted"] >= 0.95 * args.rows, manifest["counts"]
+            assert manifest.counts.accepted >= 0.95 * args.rows, manifest.counts
             sequential = naive(urls, captions, work, cfg, args.threads)
         bound = model_only(www, captions, work, cfg, args.threads)
         ray.shutdown()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ldm.config.demo import DemoConfig
-from ldm.contract import WorkDir
+from ldm.contract import Manifest, WorkDir
 
 T = TypeVar("T")
 
@@ -108,9 +108,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "bootstrap: first-stage models", lambda: run_bootstrap(sub.bootstrap)
         )
         ingest_cfg = sub.ingest.model_copy(update={"input": str(pairs), "allow_hosts": ["127.0.0.1"]})
-        summary["ingest"] = clock.run(
-            "ingest: download, filter, score, encode", lambda: run_ingest(ingest_cfg)
-        )
+        manifest = clock.run("ingest: download, filter, score, encode", lambda: run_ingest(ingest_cfg))
+        summary["ingest"] = manifest.model_dump(mode="json")
 
     summary["train"] = train = clock.run("train: U-Net on Ray Train", lambda: run_train(sub.train))
     version = str(train["model_version"])
@@ -140,21 +139,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     summary["serve"] = clock.run("serve: Ray Serve endpoint, generate", serve_and_call)
     clock.run("summary", lambda: None)
     summary["stage_seconds"] = {name: round(seconds, 1) for name, seconds in clock.times.items()}
-    _print_summary(summary, work)
+    _print_summary(summary, manifest, work)
     (work.outputs / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _print_summary(summary: dict[str, Any], work: WorkDir) -> None:
-    ingest = summary["ingest"]
+def _print_summary(summary: dict[str, Any], manifest: Manifest, work: WorkDir) -> None:
     train = summary["train"]
     print("\n" + "=" * 72)
     print("ldm demo: summary")
     print("=" * 72)
     print(f"work directory     {work.root}")
-    print("rows per stage     " + json.dumps(ingest.get("counts", ingest), default=str))
-    if "rejects_by_reason" in ingest:
-        print("rejected by reason " + json.dumps(ingest["rejects_by_reason"]))
+    counts = manifest.counts
+    print(f"rows per stage     input {counts.input}, accepted {counts.accepted}, rejected {counts.rejected}")
+    print("rejected by reason " + json.dumps(counts.rejected_by_reason))
+    print(f"hold-out split     {manifest.split.holdout} of {counts.accepted} accepted rows")
     print("first-stage models " + json.dumps(summary["bootstrap"], default=str))
     print(f"final train loss   {train.get('final_loss')}")
     print(f"MLflow train run   {train.get('run_id')}  (model ldm version {train.get('model_version')})")

@@ -50,8 +50,14 @@ from ldm.contract import (
     META_SCALING_FACTOR,
     META_TEXT_EMBEDDING_SHAPE,
     META_TEXT_ENCODER,
+    REJ_REASON,
+    REJ_STAGE,
     REJECT_COLUMNS,
     REJECTS_DIR,
+    Counts,
+    Manifest,
+    Models,
+    write_manifest,
 )
 from ldm.first_stage.text_encoder import TEXT_ENCODER_DIR, TOKENIZER_DIR
 from ldm.runtime import ensure_ray
@@ -406,7 +412,7 @@ def collect_rejects(dataset) -> pa.Table:
 
 
 # --- the job -------------------------------------------------------------------------------------
-def run_ingest(cfg: IngestConfig) -> dict:
+def run_ingest(cfg: IngestConfig) -> Manifest:
     """Run the ingest job; returns the manifest (also written to ``<output>/manifest.json``)."""
     started = time.time()
     storage.configure_s3(cfg.s3_endpoint, cfg.s3_region)  # before Ray starts: workers inherit it
@@ -438,8 +444,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
     input_keys = rows.column(COL_KEY).to_pylist()
     check_accounting(input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist())
     manifest = build_manifest(cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started)
-    manifest["clip_cutoff"] = cutoff if np.isfinite(cutoff) else None
-    storage.write_bytes(storage.join(output, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+    manifest = manifest.model_copy(update={"clip_cutoff": cutoff if np.isfinite(cutoff) else None})
+    write_manifest(manifest, output)
     if cfg.log_mlflow:
         log_to_mlflow(cfg, manifest, scores=scores, rejected=rejected, shard_uris=shard_uris)
     return manifest
@@ -453,34 +459,35 @@ def build_manifest(
     accepted: pa.Table,
     rejected: pa.Table,
     seconds: float,
-) -> dict:
+) -> Manifest:
     metadata = schema.metadata
-    return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "input": cfg.input_uri,
-        "output": cfg.output_uri,
-        "counts": {
-            "input": num_input,
-            "accepted": accepted.num_rows,
-            "rejected": rejected.num_rows,
-            "rejected_by_stage": dict(sorted(Counter(rejected.column("stage").to_pylist()).items())),
-            "rejected_by_reason": dict(sorted(Counter(rejected.column("reason").to_pylist()).items())),
-        },
-        "funnel": ingest_report.funnel(num_input, dict(Counter(rejected.column("reason").to_pylist()))),
-        "dataset_digest": dataset_digest(accepted),
-        "models": models,
-        "scaling_factor": json.loads(metadata[META_SCALING_FACTOR]),
-        "latent_shape": json.loads(metadata[META_LATENT_SHAPE]),
-        "text_embedding_shape": json.loads(metadata[META_TEXT_EMBEDDING_SHAPE]),
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(num_input / seconds, 3) if seconds > 0 else None,
-        "config": cfg.to_dict(),
-    }
+    by_reason = dict(sorted(Counter(rejected.column(REJ_REASON).to_pylist()).items()))
+    return Manifest(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        input=cfg.input_uri,
+        output=cfg.output_uri,
+        counts=Counts(
+            input=num_input,
+            accepted=accepted.num_rows,
+            rejected=rejected.num_rows,
+            rejected_by_stage=dict(sorted(Counter(rejected.column(REJ_STAGE).to_pylist()).items())),
+            rejected_by_reason=by_reason,
+        ),
+        funnel=ingest_report.funnel(num_input, by_reason),
+        dataset_digest=dataset_digest(accepted),
+        models=Models.model_validate(models),
+        scaling_factor=json.loads(metadata[META_SCALING_FACTOR]),
+        latent_shape=json.loads(metadata[META_LATENT_SHAPE]),
+        text_embedding_shape=json.loads(metadata[META_TEXT_EMBEDDING_SHAPE]),
+        seconds=round(seconds, 3),
+        rows_per_second=round(num_input / seconds, 3) if seconds > 0 else None,
+        config=cfg.to_dict(),
+    )
 
 
 def log_to_mlflow(
     cfg: IngestConfig,
-    manifest: dict,
+    manifest: Manifest,
     scores: np.ndarray | None = None,
     rejected: pa.Table | None = None,
     shard_uris: list[str] | None = None,
@@ -495,25 +502,26 @@ def log_to_mlflow(
     from ldm import tracking
 
     experiment_id = tracking.experiment(EXPERIMENT, cfg.workdir)
-    counts = manifest["counts"]
-    metrics = {
-        "input_rows": counts["input"],
-        "accepted_rows": counts["accepted"],
-        "rejected_rows": counts["rejected"],
+    counts = manifest.counts
+    metrics: dict[str, float] = {
+        "input_rows": counts.input,
+        "accepted_rows": counts.accepted,
+        "rejected_rows": counts.rejected,
+        "holdout_rows": manifest.split.holdout,
     }
-    metrics |= {f"rejected_{reason}": n for reason, n in counts["rejected_by_reason"].items()}
-    metrics |= {"seconds": manifest["seconds"], "rows_per_second": manifest["rows_per_second"] or 0.0}
-    if manifest.get("clip_cutoff") is not None:
-        metrics["clip_cutoff"] = manifest["clip_cutoff"]
+    metrics |= {f"rejected_{reason}": n for reason, n in counts.rejected_by_reason.items()}
+    metrics |= {"seconds": manifest.seconds, "rows_per_second": manifest.rows_per_second or 0.0}
+    if manifest.clip_cutoff is not None:
+        metrics["clip_cutoff"] = manifest.clip_cutoff
     with mlflow.start_run(experiment_id=experiment_id, run_name="ingest") as run:
         mlflow.log_params({k: ("" if v is None else v) for k, v in cfg.flat().items()})
         mlflow.log_metrics(metrics)
-        mlflow.log_dict(manifest, MANIFEST_FILE)
-        mlflow.set_tag("dataset_digest", manifest["dataset_digest"])
-        mlflow.log_figure(ingest_report.funnel_figure(manifest["funnel"]), "funnel.png")
+        mlflow.log_text(manifest.to_json(), MANIFEST_FILE)
+        mlflow.set_tag("dataset_digest", manifest.dataset_digest)
+        mlflow.log_figure(ingest_report.funnel_figure(manifest.funnel), "funnel.png")
         if scores is not None and len(scores):
             how = cfg.filters.clip_mode if cfg.filters.clip_mode == "threshold" else "top fraction"
-            figure = ingest_report.score_histogram(scores, manifest.get("clip_cutoff"), how)
+            figure = ingest_report.score_histogram(scores, manifest.clip_cutoff, how)
             mlflow.log_figure(figure, "clip_scores.png")
         if rejected is not None:
             samples = ingest_report.reject_samples(
@@ -527,7 +535,7 @@ def log_to_mlflow(
         dataset = MetaDataset(
             source=source,
             name="latents",
-            digest=manifest["dataset_digest"][:16],
+            digest=manifest.dataset_digest[:16],
         )
         mlflow.log_input(dataset, context="ingest_output")
         return run.info.run_id

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ldm import storage
-from ldm.contract import COL_CAPTION, COL_KEY
+from ldm.contract import COL_CAPTION, COL_KEY, REJ_REASON, FunnelStep
 from pipelines import filters
 from pipelines.download import COL_IMAGE_BYTES
 
@@ -44,27 +44,27 @@ SAMPLED_REASONS = (
 THUMBNAIL = 96
 
 
-def funnel(num_input: int, rejected_by_reason: dict[str, int]) -> list[dict]:
-    """[{"step", "rows"}]: the input, then the rows left after each of `FUNNEL_STEPS`."""
+def funnel(num_input: int, rejected_by_reason: dict[str, int]) -> list[FunnelStep]:
+    """The input, then the rows left after each of `FUNNEL_STEPS`."""
     known = {reason for _, reasons in FUNNEL_STEPS for reason in reasons}
     unknown = set(rejected_by_reason) - known
     if unknown:
         raise ValueError(f"reject reasons missing from the funnel: {sorted(unknown)}")
-    rows, steps = num_input, [{"step": "input", "rows": num_input}]
+    rows, steps = num_input, [FunnelStep(step="input", rows=num_input)]
     for name, reasons in FUNNEL_STEPS:
         rows -= sum(rejected_by_reason.get(reason, 0) for reason in reasons)
-        steps.append({"step": name, "rows": rows})
+        steps.append(FunnelStep(step=name, rows=rows))
     return steps
 
 
-def funnel_figure(steps: list[dict]):
+def funnel_figure(steps: list[FunnelStep]):
     """Horizontal bars, one per step, widest (the input) on top."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 0.45 * len(steps) + 1.2))
     axes = figure.subplots()
-    names = [step["step"] for step in steps][::-1]
-    rows = [step["rows"] for step in steps][::-1]
+    names = [step.step for step in steps][::-1]
+    rows = [step.rows for step in steps][::-1]
     bars = axes.barh(names, rows, color="#4c72b0")
     top = max(rows + [1])
     for bar, value in zip(bars, rows, strict=True):
@@ -101,7 +101,7 @@ def reject_samples(
         return {}
     wanted: dict[str, str] = {}  # key -> reason
     for reason in SAMPLED_REASONS:
-        keys = rejected.filter(pc.equal(rejected.column("reason"), reason)).column(COL_KEY).to_pylist()
+        keys = rejected.filter(pc.equal(rejected.column(REJ_REASON), reason)).column(COL_KEY).to_pylist()
         wanted |= dict.fromkeys(sorted(keys)[:per_reason], reason)
     if not wanted:
         return {}

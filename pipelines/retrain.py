@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 
 from ldm import storage, tracking
 from ldm.config.retrain import RetrainConfig
-from ldm.contract import LATENTS_DIR, MANIFEST_FILE
+from ldm.contract import LATENTS_DIR, MANIFEST_FILE, Manifest, ManifestPart, read_manifest, write_manifest
 from ldm.errors import DataError
 
 DATA_DIR = "data"
@@ -47,7 +47,7 @@ STATUS_REFUSED = "refused"
 
 # Manifest fields that must agree across shards trained together: latents made by other first-stage
 # models (or at another size) cannot be mixed in one dataset.
-_COMPATIBLE_FIELDS = ("scaling_factor", "latent_shape", "text_embedding_shape")
+_COMPATIBLE_FIELDS = ("scaling_factor", "latent_shape", "text_embedding_shape", "input_ids_shape")
 _COMPATIBLE_MODELS = ("autoencoder", "text_encoder")
 
 
@@ -100,8 +100,8 @@ def ingested(root_uri: str) -> dict[str, dict[str, Any]]:
         manifest_uri = storage.join(folder, MANIFEST_FILE)
         if not storage.exists(manifest_uri):
             continue  # ingest never finished: the manifest is written last
-        manifest = json.loads(storage.read_bytes(manifest_uri))
-        done[normalize_uri(manifest["input"])] = {"data": folder, "manifest": manifest}
+        manifest = read_manifest(manifest_uri)
+        done[normalize_uri(manifest.input)] = {"data": folder, "manifest": manifest}
     return done
 
 
@@ -116,24 +116,25 @@ def find_new_shards(cfg: RetrainConfig) -> list[str]:
 def union_digest(parts: list[dict[str, Any]]) -> str:
     """Digest of a union: sha256 over its parts' sorted dataset digests (same parts, same digest)."""
     digest = hashlib.sha256()
-    for part_digest in sorted(part["manifest"]["dataset_digest"] for part in parts):
+    for part_digest in sorted(part["manifest"].dataset_digest for part in parts):
         digest.update(f"{part_digest}\n".encode())
     return digest.hexdigest()
 
 
 def check_compatible(parts: list[dict[str, Any]]) -> None:
     """Raise `DataError` when the shards' latents were made by different first-stage models."""
-    first = parts[0]["manifest"]
+    first: Manifest = parts[0]["manifest"]
     for part in parts[1:]:
-        manifest = part["manifest"]
+        manifest: Manifest = part["manifest"]
         for field in _COMPATIBLE_FIELDS:
-            if manifest.get(field) != first.get(field):
+            ours_value, first_value = getattr(manifest, field), getattr(first, field)
+            if ours_value != first_value:
                 raise DataError(
-                    f"{part['data']}: {field} {manifest.get(field)} differs from {first.get(field)} "
+                    f"{part['data']}: {field} {ours_value} differs from {first_value} "
                     f"in {parts[0]['data']}; re-ingest the shard with the same first-stage models"
                 )
         for model in _COMPATIBLE_MODELS:
-            ours, theirs = manifest["models"][model]["sha256"], first["models"][model]["sha256"]
+            ours, theirs = getattr(manifest.models, model).sha256, getattr(first.models, model).sha256
             if ours != theirs:
                 raise DataError(
                     f"{part['data']}: encoded with another {model} ({ours} vs {theirs}); "
@@ -152,7 +153,7 @@ def _link_or_copy(fs: pafs.FileSystem, src: str, dst: str) -> None:
     fs.copy_file(src, dst)
 
 
-def build_union(parts: list[dict[str, Any]], root_uri: str) -> dict[str, Any]:
+def build_union(parts: list[dict[str, Any]], root_uri: str) -> Manifest:
     """Gather ``parts``' latents into ``root/train/<digest>/`` with a manifest; returns that manifest.
 
     Training reads one folder (``latents/`` and ``manifest.json``); this makes one without rewriting
@@ -161,30 +162,37 @@ def build_union(parts: list[dict[str, Any]], root_uri: str) -> dict[str, Any]:
     check_compatible(parts)
     digest = union_digest(parts)
     out = storage.join(root_uri, TRAIN_DIR, digest[:16])
-    first = parts[0]["manifest"]
-    manifest = {
-        "kind": "union",
-        "output": out,
-        "dataset_digest": digest,
-        "parts": [
-            {
-                "data": part["data"],
-                "input": part["manifest"]["input"],
-                "dataset_digest": part["manifest"]["dataset_digest"],
-                "accepted": part["manifest"]["counts"]["accepted"],
-            }
-            for part in parts
-        ],
-        "counts": {
-            "input": sum(part["manifest"]["counts"]["input"] for part in parts),
-            "accepted": sum(part["manifest"]["counts"]["accepted"] for part in parts),
-        },
-        **{field: first.get(field) for field in (*_COMPATIBLE_FIELDS, "models")},
-    }
-    if manifest["counts"]["accepted"] == 0:
+    first: Manifest = parts[0]["manifest"]
+    manifests: list[Manifest] = [part["manifest"] for part in parts]
+    manifest = first.model_copy(
+        update={
+            "kind": "union",
+            "input": "",
+            "output": out,
+            "dataset_digest": digest,
+            "parts": [
+                ManifestPart(
+                    data=p["data"], input=m.input, dataset_digest=m.dataset_digest, accepted=m.counts.accepted
+                )
+                for p, m in zip(parts, manifests, strict=True)
+            ],
+            "counts": first.counts.model_copy(
+                update={
+                    "input": sum(m.counts.input for m in manifests),
+                    "accepted": sum(m.counts.accepted for m in manifests),
+                    "rejected": sum(m.counts.rejected for m in manifests),
+                    "rejected_by_stage": {},
+                    "rejected_by_reason": {},
+                }
+            ),
+            "funnel": [],
+            "config": {},
+        }
+    )
+    if manifest.counts.accepted == 0:
         raise DataError(f"no accepted rows in {len(parts)} ingested shard(s): nothing to train on")
     if storage.exists(storage.join(out, MANIFEST_FILE)):
-        return json.loads(storage.read_bytes(storage.join(out, MANIFEST_FILE)))
+        return read_manifest(storage.join(out, MANIFEST_FILE))
     fs, latents_out = storage.filesystem(storage.join(out, LATENTS_DIR))
     fs.create_dir(latents_out, recursive=True)
     for part in parts:
@@ -194,7 +202,7 @@ def build_union(parts: list[dict[str, Any]], root_uri: str) -> dict[str, Any]:
             if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
                 name = f"{Path(part['data']).name}--{Path(info.path).name}"
                 _link_or_copy(fs, info.path, f"{latents_out}/{name}")
-    storage.write_bytes(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+    write_manifest(manifest, out)
     return manifest
 
 
@@ -283,7 +291,7 @@ def _write_record(root_uri: str, record: dict[str, Any]) -> None:
     storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode())
 
 
-def _ingest_shard(cfg: RetrainConfig, shard: str) -> tuple[dict[str, Any], str]:
+def _ingest_shard(cfg: RetrainConfig, shard: str) -> tuple[Manifest, str]:
     """Ingest one source shard into ``root/data/<shard-id>``; returns (manifest, MLflow run id)."""
     from pipelines.ingest import log_to_mlflow, run_ingest
 
@@ -337,16 +345,16 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
             _say(f"ingest {shard}")
             manifest, ingest_run = _ingest_shard(cfg, shard)
             run.adopt(f"ingest.{shard_id(shard)}", ingest_run)
-            _say(f"  {manifest['counts']['accepted']} of {manifest['counts']['input']} rows accepted")
+            _say(f"  {manifest.counts.accepted} of {manifest.counts.input} rows accepted")
 
         parts = list(ingested(cfg.root_uri).values())
         union = build_union(parts, cfg.root_uri)
-        record |= {"dataset_digest": union["dataset_digest"], "rows_accepted": union["counts"]["accepted"]}
+        record |= {"dataset_digest": union.dataset_digest, "rows_accepted": union.counts.accepted}
         champion = get_alias_version(cfg.model_name, tracking.ALIAS_CHAMPION)
-        train_cfg = _train_config(cfg, union["output"], champion, cycle_id)
+        train_cfg = _train_config(cfg, union.output, champion, cycle_id)
         init_from = getattr(train_cfg, "init_from", None)
         _say(
-            f"train on {union['counts']['accepted']} rows from {len(parts)} shard(s), "
+            f"train on {union.counts.accepted} rows from {len(parts)} shard(s), "
             + (f"fine-tuning from {init_from}" if init_from else "from scratch")
         )
         trained = run_train(train_cfg)

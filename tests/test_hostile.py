@@ -30,7 +30,7 @@ from ingest_fixtures import Route, ScriptedServer, encoded, picture, write_tiny_
 from PIL import Image
 
 from ldm.config.ingest import DownloadConfig, FilterConfig, IngestConfig, StageResources
-from ldm.contract import LATENTS_DIR, MANIFEST_FILE, REJECTS_DIR
+from ldm.contract import LATENTS_DIR, MANIFEST_FILE, REJECTS_DIR, FunnelStep
 from pipelines import filters
 from pipelines.download import staging_dir
 
@@ -297,8 +297,8 @@ def test_every_hostile_row_ends_once_with_a_sensible_reason(hostile_run):
     assert captions[keys[index[b"latin.png"]]] == "caf\ufffd cr\ufffdme bl\ufffdcks"
     assert len(captions[keys[index[b"long.png"]]]) == 20_000
     assert sizes[keys[index[b"rotated.jpg"]]] == (80, 48)
-    assert manifest["counts"]["accepted"] == latents.num_rows == 16
-    assert manifest["funnel"][-1] == {"step": "not near-duplicate", "rows": 16}
+    assert manifest.counts.accepted == latents.num_rows == 16
+    assert manifest.funnel[-1] == FunnelStep(step="not near-duplicate", rows=16)
 
 
 @pytest.mark.slow  # reads the MLflow run of the shared hostile run
@@ -320,7 +320,7 @@ def test_ingest_run_logs_the_funnel_as_pictures(hostile_run):
     }
     local = client.download_artifacts(run.info.run_id, "funnel.png", dst_path=str(Path(cfg.workdir) / "dl"))
     assert Image.open(local).size[0] > 300
-    rows_left = [step["rows"] for step in manifest["funnel"]]
+    rows_left = [step.rows for step in manifest.funnel]
     assert rows_left == [40, 35, 33, 21, 17, 17, 16] and rows_left == sorted(rows_left, reverse=True)
     assert run.data.metrics["rejected_opted_out"] == 1 and run.data.metrics["clip_cutoff"] == -1.0
 
@@ -376,8 +376,8 @@ def test_killed_ingest_reruns_to_the_same_result(hostile_run, tmp_path):
             zip(ref_rejects.column("key").to_pylist(), ref_rejects.column("reason").to_pylist(), strict=True)
         )
     )
-    assert again["dataset_digest"] == reference["dataset_digest"]
-    assert again["counts"] == reference["counts"]
+    assert again.dataset_digest == reference.dataset_digest
+    assert again.counts == reference.counts
 
 
 # --- the decoding side of the hostile inputs, as plain Python (fast) -----------------------------

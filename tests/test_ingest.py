@@ -25,7 +25,6 @@ from ldm.contract import (
     COL_LATENT,
     COL_TEXT_EMBEDDING,
     LATENTS_DIR,
-    MANIFEST_FILE,
     META_AUTOENCODER,
     META_LATENT_SHAPE,
     META_SCALING_FACTOR,
@@ -33,6 +32,7 @@ from ldm.contract import (
     REJECT_COLUMNS,
     REJECTS_DIR,
     WorkDir,
+    read_manifest,
 )
 from ldm.text import encode_captions
 from pipelines.stages import ClipScorer, LatentEncoder
@@ -207,10 +207,10 @@ def test_ingest_end_to_end_accounts_for_every_row(ray_local, workdir, crawl, cap
     assert tensor.shape == (42, 4, 16, 16) and tensor.dtype == np.float16 and np.isfinite(tensor).all()
     assert len(list((out / LATENTS_DIR).glob("*.parquet"))) == 3  # 42 rows at 20 per file
 
-    assert manifest == json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest["counts"]["input"] == 65 and manifest["counts"]["accepted"] == 42
-    assert manifest["counts"]["rejected_by_stage"] == {"download": 9, "filter": 10, "guard": 4}
-    assert manifest["scaling_factor"] == SCALING_FACTOR
+    assert manifest == read_manifest(str(out))
+    assert manifest.counts.input == 65 and manifest.counts.accepted == 42
+    assert manifest.counts.rejected_by_stage == {"download": 9, "filter": 10, "guard": 4}
+    assert manifest.scaling_factor == SCALING_FACTOR
 
     runs = mlflow.search_runs(experiment_names=["ingest"], output_format="list")
     assert len(runs) == 1
@@ -221,7 +221,7 @@ def test_ingest_end_to_end_accounts_for_every_row(ray_local, workdir, crawl, cap
     assert markers
     again = run_ingest_quiet(cfg.model_copy(update={"log_mlflow": False}))
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
-    assert again["dataset_digest"] == manifest["dataset_digest"] and again["counts"] == manifest["counts"]
+    assert again.dataset_digest == manifest.dataset_digest and again.counts == manifest.counts
     assert pq.read_table(out / LATENTS_DIR).num_rows == 42 and pq.read_table(out / REJECTS_DIR).num_rows == 23
 
 

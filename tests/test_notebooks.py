@@ -72,7 +72,7 @@ def test_notebooks_run_on_a_tiny_work_directory(ray_local, tmp_path, monkeypatch
 
     monkeypatch.setenv("LDM_WORKDIR", str(work.root))
     data = _run("01_data.ipynb")
-    assert data["accepted"] == manifest["counts"]["accepted"] == 11  # one of 12 rows is a dead URL
+    assert data["accepted"] == manifest.counts.accepted == 11  # one of 12 rows is a dead URL
     assert data["funnel"]["input"] == 12 and data["reasons"] == {"download_failed": 1}
     assert data["decoded"] == 8  # the first eight accepted latents, decoded back to pixels
 

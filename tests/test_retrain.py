@@ -72,11 +72,11 @@ def test_union_links_every_shard_and_refuses_mixed_encoders(tmp_path):
     _fake_ingest(root, "b", "/src/b.parquet", "d2", 2)
     parts = list(retrain.ingested(str(root)).values())
     union = retrain.build_union(parts, str(root))
-    assert union["counts"] == {"input": 7, "accepted": 5}
-    assert pq.read_table(f"{union['output']}/{LATENTS_DIR}").num_rows == 5
+    assert (union.kind, union.counts.input, union.counts.accepted) == ("union", 7, 5)
+    assert pq.read_table(f"{union.output}/{LATENTS_DIR}").num_rows == 5
     # Order-free digest: the same parts give the same training folder.
-    assert union["dataset_digest"] == retrain.union_digest(parts[::-1])
-    assert retrain.build_union(parts[::-1], str(root))["output"] == union["output"]
+    assert union.dataset_digest == retrain.union_digest(parts[::-1])
+    assert retrain.build_union(parts[::-1], str(root)).output == union.output
 
     _fake_ingest(root, "c", "/src/c.parquet", "d3", 1, ae="another-autoencoder")
     with pytest.raises(DataError, match="another autoencoder"):

@@ -21,7 +21,7 @@ import pytest
 from ingest_fixtures import SCALING_FACTOR, Route, ScriptedServer, encoded, picture, write_tiny_models
 
 from ldm.config.ingest import DownloadConfig, FilterConfig, IngestConfig, StageResources
-from ldm.contract import COL_LATENT, LATENTS_DIR, MANIFEST_FILE, META_SCALING_FACTOR, REJECTS_DIR
+from ldm.contract import COL_LATENT, LATENTS_DIR, META_SCALING_FACTOR, REJECTS_DIR, read_manifest
 from pipelines import filters
 
 
@@ -117,13 +117,13 @@ def test_ingest_from_s3_to_s3(ray_local, s3_endpoint, tmp_path, monkeypatch):
     keys = latents.column("key").to_pylist() + rejects.column("key").to_pylist()
     assert len(keys) == len(set(keys)) and set(keys) == expected_keys
     kept_scores = latents.column("clip_score").to_numpy()
-    assert kept_scores.min() >= manifest["clip_cutoff"]
+    assert kept_scores.min() >= manifest.clip_cutoff
     latent_type = latents.schema.field(COL_LATENT).type
     assert latent_type.shape == [4, 16, 16] and latent_type.value_type == pa.float16()
     tensor = latents.column(COL_LATENT).combine_chunks().to_numpy_ndarray()
     assert tensor.shape == (2, 4, 16, 16) and np.isfinite(tensor).all()
-    stored = json.loads(fs.open_input_stream(f"{out}/{MANIFEST_FILE}").read())
-    assert stored["counts"] == manifest["counts"] and stored["counts"]["input"] == 6
+    stored = read_manifest(f"s3://{out}")
+    assert stored.counts == manifest.counts and stored.counts.input == 6
     markers = fs.get_file_info(pafs.FileSelector(f"{out}/_staging/download"))
     assert sum(info.path.endswith(".done") for info in markers) == 2  # 6 rows, 3 per shard
     assert not (work.root / "data").exists()  # nothing went to the local default
