@@ -15,7 +15,7 @@
 
 from pipelines.train.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
 from pipelines.train.data import LatentsFacts, ray_batches, read_latents_facts, tensor_batches
-from pipelines.train.hooks import FAULT_ENV, NanGuard, standard_hooks
+from pipelines.train.hooks import FAULT_ENV, NanGuard, StepTimes, standard_hooks
 from pipelines.train.job import absolute_paths, run_train
 from pipelines.train.loop import Hook, LoopInputs, LoopState, MetricsWindow, train_loop
 from pipelines.train.recipe import (
@@ -40,6 +40,7 @@ __all__ = [
     "MetricsWindow",
     "NanGuard",
     "RayWorld",
+    "StepTimes",
     "World",
     "absolute_paths",
     "autocast",

@@ -215,3 +215,31 @@ def standard_hooks(
     if fault is not None:
         hooks.append(FaultInjection(*fault))
     return hooks
+
+
+class StepTimes(Hook):
+    """Wall time, data wait and loss of every step, for benchmarks that time the product's own loop."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.ends: list[float] = []
+        self.data_waits: list[float] = []
+        self.losses: list[float] = []
+
+    def on_start(self, state: LoopState) -> None:
+        self.started = time.perf_counter()
+
+    def on_step_end(self, state: LoopState) -> None:
+        self.ends.append(time.perf_counter())
+        self.data_waits.append(state.data_wait)
+        self.losses.append(state.loss)
+
+    def summary(self, skip: int = 0) -> dict[str, float]:
+        """Seconds per step and the fraction spent waiting for data, leaving out the first ``skip`` steps."""
+        begin = self.ends[skip - 1] if skip > 0 else self.started
+        elapsed = max(self.ends[-1] - begin, 1e-9)
+        steps = len(self.ends) - skip
+        return {
+            "seconds_per_step": elapsed / steps,
+            "data_wait_fraction": sum(self.data_waits[skip:]) / elapsed,
+        }
