@@ -11,7 +11,10 @@
    extra time per step. Target: <= 5 %. The default ``--rows`` keeps the run inside one epoch: each
    new epoch restarts the Ray Data read (measured here ~1-2 s, +10 % per step at 16 steps per epoch).
 
-Models have random weights: speed does not depend on them. Usage:
+Every figure is the product's own step: ``pipelines.train.train_loop`` in a single-process
+``LocalWorld`` (recipe defaults: EMA, clipping, NaN guard, caption dropout), timed by its
+``StepTimes`` hook; only the batch source changes. Models have random weights: speed does not depend
+on them. Usage:
 
     .venv/bin/python benchmarks/train.py [--steps 20] [--batch-size 64] [--threads 1]
 """
@@ -22,50 +25,35 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # latents [B, C, H, W] scaled, text [B, L, D]
-
 
 def build_models(text_len: int):
-    """U-Net (demo default), autoencoder and text encoder (bootstrap shapes), tokenizer."""
+    """Autoencoder and text encoder (bootstrap shapes), tokenizer, and the demo's latent size."""
     from ldm.config.bootstrap import AutoencoderConfig, ClipConfig
     from ldm.first_stage.autoencoder import build_autoencoder
     from ldm.first_stage.clip import build_clip
     from ldm.first_stage.text_encoder import build_text_tokenizer, clip_text_tower_to_transformers
-    from ldm.unet import UNetConfig, build_unet
 
     torch.manual_seed(0)
     clip = build_clip(ClipConfig(context_length=text_len))
     text_encoder = clip_text_tower_to_transformers(clip).eval()
     tokenizer = build_text_tokenizer(clip)
     vae = build_autoencoder(AutoencoderConfig()).eval()
-    latent_size = AutoencoderConfig().image_size // 2 ** (len(AutoencoderConfig().block_out_channels) - 1)
-    unet = build_unet(UNetConfig(), latent_size, vae.config.latent_channels, text_encoder.config.hidden_size)
-    return unet.train(), vae, text_encoder, tokenizer
+    return vae, text_encoder, tokenizer
 
 
-def time_steps(step: Callable[[], None], next_batch: Callable[[], Batch], warmup: int, steps: int) -> dict:
-    """Seconds per step over ``steps`` steps after ``warmup``, and the fraction spent waiting for data."""
-    for _ in range(warmup):
-        step(*next_batch())
-    waited = 0.0
-    started = time.perf_counter()
-    for _ in range(steps):
-        before = time.perf_counter()
-        batch = next_batch()
-        waited += time.perf_counter() - before
-        step(*batch)
-    elapsed = time.perf_counter() - started
-    return {"seconds_per_step": elapsed / steps, "data_wait_fraction": waited / elapsed}
+def time_loop(inputs, batches, warmup: int, steps: int) -> dict:
+    """Seconds per step of ``train_loop`` over ``steps`` steps after ``warmup``, and the data-wait fraction."""
+    from pipelines.train import LocalWorld, LoopInputs, NanGuard, StepTimes, train_loop
 
-
-def cycle(items: list) -> Iterator:
-    while True:
-        yield from items
+    times = StepTimes()
+    cfg = inputs.cfg.model_copy(update={"max_steps": warmup + steps})
+    train_loop(LoopInputs(cfg, inputs.facts), batches, LocalWorld(), [NanGuard(), times])
+    return times.summary(skip=warmup)
 
 
 def main() -> None:
@@ -81,30 +69,18 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
+    import ray.data
 
     from ldm.config.train import TrainConfig
     from ldm.contract import COL_LATENT, COL_TEXT_EMBEDDING
-    from ldm.diffusion import make_noise_scheduler, training_loss_terms
     from ldm.first_stage.autoencoder import encode_images
     from ldm.synth.render import render_batch
     from ldm.text import encode_captions
-    from pipelines.train import LatentsFacts, batch_stream, caption_dropout
+    from pipelines.train import LatentsFacts, LoopInputs, caption_dropout, ray_batches, tensor_batches
 
-    text_len = 32
-    unet, vae, text_encoder, tokenizer = build_models(text_len)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    scheduler = make_noise_scheduler()
-    generator = torch.Generator().manual_seed(0)
-    cfg = TrainConfig(num_workers=1, batch_size=args.batch_size, shuffle_buffer=4 * args.batch_size)
-
-    def train_step(latents: torch.Tensor, text: torch.Tensor) -> None:
-        terms = training_loss_terms(
-            unet, latents, text, scheduler, loss_weighting="min_snr", generator=generator
-        )
-        terms.loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    vae, text_encoder, tokenizer = build_models(text_len=32)
+    b = args.batch_size
+    cfg = TrainConfig(num_workers=1, batch_size=b, shuffle_buffer=4 * b, max_minutes=None)
 
     # The data: rendered scenes, and what ingest would store for them (unscaled fp16 latents).
     images, captions, _ = render_batch(args.rows, seed=0)
@@ -115,30 +91,26 @@ def main() -> None:
     encode_seconds = time.perf_counter() - started
     scaling = float(1.0 / latents.std())
     empty = encode_captions(tokenizer, text_encoder, [""])[0]
-    dropout_generator = torch.Generator().manual_seed(1)
-    b = args.batch_size
-    starts = list(range(0, args.rows - b + 1, b))
+    facts = LatentsFacts(scaling, tuple(latents.shape[1:]), tuple(text.shape[1:]))  # type: ignore[arg-type]
+    inputs = LoopInputs(cfg, facts)
+    in_memory = tensor_batches(latents.half().float() * scaling, text.half().float(), cfg, empty)
 
-    def in_memory() -> Iterator[Batch]:
-        for start in cycle(starts):
-            yield (
-                latents[start : start + b].half().float() * scaling,
-                caption_dropout(text[start : start + b].half().float(), empty, 0.1, dropout_generator),
-            )
-
-    def on_the_fly() -> Iterator[Batch]:
-        for start in cycle(starts):
-            with torch.no_grad():
-                batch_latents = encode_images(vae, images[start : start + b]) * scaling
-                batch_text = encode_captions(tokenizer, text_encoder, captions[start : start + b])
-            yield batch_latents, caption_dropout(batch_text, empty, 0.1, dropout_generator)
+    def on_the_fly(first_epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        dropout = torch.Generator().manual_seed(1)
+        while True:
+            for start in range(0, args.rows - b + 1, b):
+                with torch.no_grad():
+                    batch_latents = encode_images(vae, images[start : start + b]) * scaling
+                    batch_text = encode_captions(tokenizer, text_encoder, captions[start : start + b])
+                yield (
+                    first_epoch,
+                    batch_latents,
+                    caption_dropout(batch_text, empty, cfg.caption_dropout, dropout),
+                )
 
     results: dict[str, dict] = {}
-    memory_stream, fly_stream = in_memory(), on_the_fly()
-    results["precomputed_in_memory"] = time_steps(
-        train_step, lambda: next(memory_stream), args.warmup, args.steps
-    )
-    results["encode_on_the_fly"] = time_steps(train_step, lambda: next(fly_stream), args.warmup, args.steps)
+    results["precomputed_in_memory"] = time_loop(inputs, in_memory, args.warmup, args.steps)
+    results["encode_on_the_fly"] = time_loop(inputs, on_the_fly, args.warmup, args.steps)
 
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as tmp:
         table = pa.table(
@@ -153,28 +125,24 @@ def main() -> None:
                 table.slice(rows.start, rows.stop - rows.start), Path(tmp) / f"part-{part}.parquet"
             )
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        dataset = ray.data.read_parquet(tmp).select_columns([COL_LATENT, COL_TEXT_EMBEDDING])
-        facts = LatentsFacts(scaling, tuple(latents.shape[1:]), tuple(text.shape[1:]))
-        stream = batch_stream(dataset.iterator(), cfg, facts, empty, 0, 0, torch.device("cpu"))
         try:
-            results["ray_data_iterator"] = time_steps(
-                train_step, lambda: next(stream)[1:], args.warmup, args.steps
-            )
+            dataset = ray.data.read_parquet(tmp).select_columns([COL_LATENT, COL_TEXT_EMBEDDING])
+            stream = ray_batches(dataset.iterator(), cfg, facts, empty, 0, torch.device("cpu"))
+            results["ray_data_iterator"] = time_loop(inputs, stream, args.warmup, args.steps)
         finally:
-            stream.close()  # stop the iterator before Ray goes away
             ray.shutdown()
     # In memory once more, after Ray: the machine's load drifts, so compare with the mean of both.
-    memory_stream = in_memory()
-    results["precomputed_in_memory_again"] = time_steps(
-        train_step, lambda: next(memory_stream), args.warmup, args.steps
-    )
+    results["precomputed_in_memory_again"] = time_loop(inputs, in_memory, args.warmup, args.steps)
+    print_summary(results, args, encode_seconds)
 
+
+def print_summary(results: dict[str, dict], args: argparse.Namespace, encode_seconds: float) -> None:
     memory = (
         results["precomputed_in_memory"]["seconds_per_step"]
         + results["precomputed_in_memory_again"]["seconds_per_step"]
     ) / 2
     summary = {
-        "batch_size": b,
+        "batch_size": args.batch_size,
         "threads": args.threads,
         "steps": args.steps,
         "encode_all_rows_seconds": round(encode_seconds, 2),

@@ -23,12 +23,12 @@ all to ``--out``:
    random other caption, a caption one attribute away, the same caption with another shape) and each
    autoencoder's PSNR and ceiling (``ldm.evaluate.autoencoder_ceiling``). No files but JSON.
 
-Why a single-process loop rather than ``ldm train``: the device this was written for cannot install
-Ray (no network, and Ray's 79 MB wheel is over the 64 MiB that may be carried there). The loop below is the body
-of ``pipelines.train.train_loop_per_worker`` for one worker without DDP, built from the same functions
-(``build_unet``, ``training_loss_terms``, ``autocast``, ``learning_rate``, ``update_ema``,
-``caption_dropout``), so the numbers are those of the real step; what it leaves out is Ray Data's
-iterator (measured separately by ``benchmarks/train.py``) and the NCCL all-reduce. Usage:
+Why a single process rather than ``ldm train``: the device this was written for cannot install
+Ray (no network, and Ray's 79 MB wheel is over the 64 MiB that may be carried there). So it runs the
+product's own loop, ``pipelines.train.train_loop``, in a single-process ``LocalWorld`` (the NaN guard
+on, EMA, clipping, schedule and caption dropout as the job has them), timed by the ``StepTimes``
+hook; what it leaves out is Ray Data's iterator (measured separately by ``benchmarks/train.py``) and
+the NCCL all-reduce. Usage:
 
     python benchmarks/train_gpu.py run --latents DIR --empty-embedding empty.npy --out OUT
     python benchmarks/train_gpu.py run --tiny --latents DIR --empty-embedding empty.npy --out OUT  # CPU check
@@ -40,9 +40,7 @@ iterator (measured separately by ``benchmarks/train.py``) and the NCCL all-reduc
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -70,59 +68,6 @@ def log(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-class StepRunner:
-    """One worker's optimizer step of ``pipelines.train.train_loop_per_worker`` (grad_accum_steps=1)."""
-
-    def __init__(self, cfg, sample_size: int, channels: int, text_dim: int, device: torch.device):
-        from ldm.diffusion import make_noise_scheduler
-        from ldm.unet import build_unet
-
-        torch.manual_seed(cfg.seed)
-        self.cfg, self.device = cfg, device
-        self.unet = build_unet(cfg.unet, sample_size, channels, text_dim).to(device)
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval() if cfg.ema_decay else None
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = make_noise_scheduler(cfg.prediction_type)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.step = 0
-
-    def loss(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        from ldm.diffusion import training_loss_terms
-        from pipelines.train import autocast
-
-        cfg = self.cfg
-        with autocast(cfg, self.device):
-            return training_loss_terms(
-                self.unet,
-                latents,
-                text,
-                self.scheduler,
-                prediction_type=cfg.prediction_type,
-                loss_weighting=cfg.loss_weighting,
-                snr_gamma=cfg.snr_gamma,
-                noise_offset=cfg.noise_offset,
-                generator=self.generator,
-            ).loss
-
-    def __call__(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        from pipelines.train import ema_decay_at, learning_rate, update_ema
-
-        cfg = self.cfg
-        loss = self.loss(latents, text)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip or math.inf)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, cfg)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            update_ema(self.ema, self.unet, ema_decay_at(self.step, cfg.ema_decay))
-        self.step += 1
-        return loss.detach()
-
-
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -132,14 +77,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def flops_per_step(runner: StepRunner, latents: torch.Tensor, text: torch.Tensor) -> int:
-    """Forward + backward FLOPs of one micro-batch, counted op by op (optimizer and EMA excluded)."""
+def repeat_batch(latents: torch.Tensor, text: torch.Tensor):
+    """A batch source that yields the same batch forever (throughput does not depend on the data)."""
+
+    def stream(first_epoch: int):
+        while True:
+            yield first_epoch, latents, text
+
+    return stream
+
+
+def run_loop(cfg, facts, batches, device: torch.device, *hooks):
+    """The product's ``train_loop`` in a single-process ``LocalWorld`` on ``device``; returns its state."""
+    from pipelines.train import LocalWorld, LoopInputs, NanGuard, train_loop
+
+    return train_loop(LoopInputs(cfg, facts), batches, LocalWorld(device), [NanGuard(), *hooks])
+
+
+def flops_per_step(cfg, facts, batches, device: torch.device) -> int:
+    """FLOPs of one optimizer step of the loop, counted op by op (matmuls, convolutions, attention:
+    the forward and backward passes; AdamW's and the EMA's element-wise updates count nothing)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        runner.loss(latents, text).backward()
-    runner.optimizer.zero_grad(set_to_none=True)
+        run_loop(cfg.model_copy(update={"max_steps": 1}), facts, batches, device)
     return counter.get_total_flops()
 
 
@@ -154,26 +116,23 @@ def throughput(
     name: str, unet: dict, shape: tuple, text_shape: tuple, batch: int, steps: int, device
 ) -> dict:
     from ldm.config.train import TrainConfig
+    from pipelines.train import LatentsFacts, StepTimes
 
-    cfg = TrainConfig(unet=unet, batch_size=batch, num_workers=1, max_steps=10_000, max_minutes=None)
-    runner = StepRunner(cfg, shape[1], shape[0], text_shape[1], device)
-    latents = torch.randn((batch, *shape), device=device)
-    text = torch.randn((batch, *text_shape), device=device)
-    flops = flops_per_step(runner, latents, text)
-    for _ in range(max(3, steps // 5)):  # warm-up: cuDNN autotuning, allocator
-        runner(latents, text)
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = runner(latents, text)
-    loss.item()
-    synchronize(device)
-    seconds = (time.perf_counter() - started) / steps
+    warmup = max(3, steps // 5)  # cuDNN autotuning, allocator
+    cfg = TrainConfig(unet=unet, batch_size=batch, num_workers=1, max_steps=warmup + steps, max_minutes=None)
+    facts = LatentsFacts(1.0, shape, text_shape)
+    batches = repeat_batch(
+        torch.randn((batch, *shape), device=device), torch.randn((batch, *text_shape), device=device)
+    )
+    flops = flops_per_step(cfg, facts, batches, device)
+    times = StepTimes()  # the loop reads the loss every step: each step ends synchronized
+    state = run_loop(cfg, facts, batches, device, times)
+    seconds = times.summary(skip=warmup)["seconds_per_step"]
     peak = peak_flops(device)
     record = {
         "part": "throughput",
         "model": name,
-        "parameters_m": round(sum(p.numel() for p in runner.unet.parameters()) / 1e6, 2),
+        "parameters_m": round(sum(p.numel() for p in state.unet.parameters()) / 1e6, 2),
         "latent_shape": list(shape),
         "batch_size": batch,
         "seconds_per_step": round(seconds, 5),
@@ -185,7 +144,7 @@ def throughput(
         if device.type == "cuda"
         else None,
     }
-    del runner
+    del state
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -227,59 +186,43 @@ def quality_run(
     seed: int = 0,
 ) -> dict:
     """Train with the demo's recipe; the cosine spans ``max_steps`` (or what ``seconds`` buys at the
-    speed of the first 50 steps, whichever is smaller); write the EMA weights."""
+    speed of a 50-step probe, whichever is smaller); write the EMA weights."""
     from safetensors.torch import save_file
 
     from ldm.config.train import TrainConfig
-    from pipelines.train import caption_dropout, derived_seed
+    from pipelines.train import StepTimes, tensor_batches
 
     facts, latents, text = data
     cfg = TrainConfig(
         unet=unet, batch_size=batch, num_workers=1, max_steps=max_steps, max_minutes=None, seed=seed
     )
-    runner = StepRunner(
-        cfg, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1], device
-    )
-    rows, epoch, cursor, rows_done = latents.shape[0], 0, 0, 0
-    order: torch.Tensor | None = None
-    started = time.perf_counter()
-    losses: list[torch.Tensor] = []  # kept on the device: no sync per step
-    while runner.step < cfg.max_steps:
-        if order is None or cursor + cfg.batch_size > rows:  # a fresh shuffle and caption dropout each epoch
-            shuffle = torch.Generator().manual_seed(derived_seed(seed, 0, epoch, 2))
-            dropout = torch.Generator().manual_seed(derived_seed(seed, 0, epoch, 1))
-            order, cursor, epoch = torch.randperm(rows, generator=shuffle).to(device), 0, epoch + 1
-        index = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        batch_text = caption_dropout(text[index], empty, cfg.caption_dropout, dropout)
-        losses.append(runner(latents[index], batch_text))
-        rows_done += cfg.batch_size
-        if runner.step == 50 and seconds is not None and max_steps > 50:
-            synchronize(device)
-            rate = 50 / (time.perf_counter() - started)
-            affordable = int(rate * seconds)
-            if affordable < cfg.max_steps:  # shorten the horizon so that the cosine still completes
-                cfg = cfg.model_copy(update={"max_steps": max(affordable, 100)})
-                runner.cfg = cfg
+    batches = tensor_batches(latents, text, cfg, empty)
+    if seconds is not None and max_steps > 50:  # shorten the horizon so that the cosine still completes
+        probe = StepTimes()
+        run_loop(cfg.model_copy(update={"max_steps": 50}), facts, batches, device, probe)
+        affordable = int(seconds / probe.summary(skip=5)["seconds_per_step"])
+        cfg = cfg.model_copy(update={"max_steps": min(max_steps, max(affordable, 100))})
+    times = StepTimes()
+    state = run_loop(cfg, facts, batches, device, times)
     synchronize(device)
-    elapsed = time.perf_counter() - started
+    elapsed = times.ends[-1] - times.started
     weights = out / f"{name}.safetensors"
-    state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in runner.ema.state_dict().items()}
+    ema = state.sample_unet
+    weights_fp16 = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in ema.state_dict().items()}
     save_file(
-        state,
+        weights_fp16,
         str(weights),
-        metadata={"unet_config": json.dumps(runner.unet.config), "steps": str(runner.step)},
+        metadata={"unet_config": json.dumps(state.unet.config), "steps": str(state.step)},
     )
-    tail = torch.stack(losses[-50:]).float().mean().item()
     return {
         "part": "quality",
         "run": name,
-        "steps": runner.step,
-        "epochs": round(rows_done / rows, 1),
+        "steps": state.step,
+        "epochs": round(state.step * cfg.batch_size / latents.shape[0], 1),
         "batch_size": cfg.batch_size,
         "seconds": round(elapsed, 1),
-        "steps_per_second": round(runner.step / elapsed, 1),
-        "final_loss_last50": round(tail, 4),
+        "steps_per_second": round(state.step / elapsed, 1),
+        "final_loss_last50": round(sum(times.losses[-50:]) / len(times.losses[-50:]), 4),
         "weights": weights.name,
     }
 

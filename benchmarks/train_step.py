@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 
 def make_workdir(root: Path, rows: int, text_len: int, text_dim: int) -> None:
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ldm.config.bootstrap import AutoencoderConfig
     from ldm.contract import (
         COL_CAPTION,
         COL_KEY,
@@ -35,20 +35,14 @@ def make_workdir(root: Path, rows: int, text_len: int, text_dim: int) -> None:
         META_SCALING_FACTOR,
         WorkDir,
     )
-    from ldm.first_stage.autoencoder import save_autoencoder
+    from ldm.first_stage.autoencoder import build_autoencoder, save_autoencoder
     from ldm.first_stage.text_encoder import save_text_encoder
     from ldm.first_stage.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
     work = WorkDir(root)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        norm_num_groups=16,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=1.26,
-    )
+    # The bootstrap's autoencoder shape (random weights), with the demo's measured scaling factor.
+    vae = build_autoencoder(AutoencoderConfig())
+    vae.register_to_config(scaling_factor=1.26)
     save_autoencoder(vae, work.autoencoder)
     text_config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,

@@ -19,14 +19,22 @@ from ldm.errors import DataError
 from ldm.unet import UNetConfig
 from pipelines.train import (
     LatentsFacts,
+    LocalWorld,
+    LoopInputs,
+    NanGuard,
+    absolute_paths,
     autocast,
     caption_dropout,
     ema_decay_at,
     learning_rate,
     load_init_unet,
     replica_fingerprint,
+    tensor_batches,
+    train_loop,
     update_ema,
 )
+from pipelines.train.hooks import CheckpointReporter, progress_line
+from pipelines.train.monitor import TrackingCalls
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_half_cosine_to_the_floor():
@@ -142,3 +150,80 @@ def test_batch_must_split_over_workers_and_accumulation_steps():
     assert cfg.micro_batch_size == 8
     with pytest.raises(ValueError, match="grad_accum_steps"):
         TrainConfig(batch_size=64, num_workers=2, grad_accum_steps=3)
+
+
+def _tiny_loop_inputs(**update) -> tuple[LoopInputs, object]:
+    cfg = TrainConfig(
+        unet=UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        ),
+        num_workers=1,
+        batch_size=4,
+        max_steps=4,
+        max_minutes=None,
+        warmup_steps=1,
+        **update,
+    )
+    facts = LatentsFacts(scaling_factor=1.0, latent_shape=(4, 8, 8), text_embedding_shape=(16, 32))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(12, 4, 8, 8, generator=generator)
+    text = torch.randn(12, 16, 32, generator=generator)
+    return LoopInputs(cfg, facts), tensor_batches(latents, text, cfg, torch.zeros(16, 32))
+
+
+def test_the_loop_runs_in_one_process_checkpoints_and_resumes_where_it_stopped(tmp_path):
+    inputs, batches = _tiny_loop_inputs(checkpoint_every=2, ema_decay=0.9)
+    world = LocalWorld(checkpoint_dir=tmp_path / "ckpt")
+    state = train_loop(inputs, batches, world, [NanGuard(), CheckpointReporter()])
+    assert state.step == 4 and state.epoch == 1  # 12 rows, 4 a batch: 3 steps an epoch
+    assert [report["step"] for report in world.reports] == [2, 4]
+    assert all(math.isfinite(report["loss"]) for report in world.reports)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint_000001", "checkpoint_000002"]
+    assert state.window.steps == 4  # nothing reset it: no logging hook ran
+
+    # A longer run in the same world resumes from step 4 on a fresh epoch, with the saved weights.
+    longer = LoopInputs(inputs.cfg.model_copy(update={"max_steps": 6}), inputs.facts)
+    resumed = train_loop(longer, batches, world, [NanGuard(), CheckpointReporter()])
+    assert resumed.resumed_from == 4 and resumed.step == 6 and resumed.epoch == 2
+    assert world.reports[-1]["step"] == 6
+
+
+def test_the_nan_guard_names_the_step_before_the_weights_change():
+    inputs, _ = _tiny_loop_inputs()
+    bad = tensor_batches(
+        torch.full((4, 4, 8, 8), math.nan), torch.zeros(4, 16, 32), inputs.cfg, torch.zeros(16, 32)
+    )
+    with pytest.raises(FloatingPointError, match="non-finite training at step 1"):
+        train_loop(inputs, bad, LocalWorld(), [NanGuard()])
+
+
+def test_progress_line_and_relative_paths_made_absolute(tmp_path, monkeypatch):
+    line = progress_line(
+        10, 20, {"loss": 0.12345, "samples_per_second": 12.34, "data_wait_fraction": 0.04}, 62.4
+    )
+    assert line == "train: step 10/20  loss 0.1235  12.3 samples/s  data wait 4%  ETA 0:01:02"
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(TrainConfig(workdir="./wd", data="d", init_from="models:/ldm@champion"))
+    assert cfg.workdir == str(tmp_path / "wd") and cfg.data == str(tmp_path / "d")
+    assert cfg.init_from == "models:/ldm@champion"
+    assert absolute_paths(TrainConfig(data="s3://bucket/data")).data == "s3://bucket/data"
+
+
+def test_tracking_calls_retry_count_and_show_failures(capsys):
+    calls = TrackingCalls("test", tries=3, backoff_seconds=0.0)
+    attempts = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    assert calls.call("flaky", flaky) == "ok" and calls.failures == 0
+    assert calls.call("broken", lambda: 1 / 0) is None
+    assert calls.call("flaky again", flaky) == "ok"  # one failure never ends the record
+    assert calls.failures == 1
+    assert "MLflow broken failed after 3 tries (ZeroDivisionError" in capsys.readouterr().err

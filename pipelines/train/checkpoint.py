@@ -1,0 +1,89 @@
+"""Training checkpoints: safetensors + JSON, nothing pickled.
+
+A checkpoint folder holds ``unet/`` and ``ema_unet/`` (``save_pretrained``), the optimizer state
+(tensors in safetensors, param groups in JSON), ``state.json`` (step, epoch, lr and the metrics
+reported with it) and ``config.yaml``. The learning-rate schedule is a pure function of (step,
+config), so step + config restore it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.config.train import TrainConfig
+from pipelines.train.recipe import learning_rate
+
+UNET_DIR = "unet"
+EMA_UNET_DIR = "ema_unet"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+
+
+def save_checkpoint(
+    folder: Path,
+    unet: Any,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    metrics: dict[str, Any],
+    *,
+    ema_unet: Any = None,
+    epoch: int = 0,
+) -> None:
+    """U-Net (and its EMA) via ``save_pretrained``, optimizer state, step, epoch and config."""
+    from safetensors.torch import save_file
+
+    unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
+    if ema_unet is not None:
+        ema_unet.save_pretrained(folder / EMA_UNET_DIR, safe_serialization=True)
+    state = optimizer.state_dict()
+    tensors = {
+        f"{param_id}.{name}": value.detach().cpu().contiguous()
+        for param_id, param_state in state["state"].items()
+        for name, value in param_state.items()
+        if torch.is_tensor(value)
+    }
+    save_file(tensors, str(folder / OPTIMIZER_WEIGHTS))
+    (folder / OPTIMIZER_META).write_text(json.dumps({"param_groups": state["param_groups"]}))
+    (folder / STATE_FILE).write_text(
+        json.dumps({"step": step, "epoch": epoch, "lr": learning_rate(max(step - 1, 0), cfg), **metrics})
+    )
+    (folder / CONFIG_FILE).write_text(cfg.to_yaml())
+
+
+def read_checkpoint_state(folder: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint: step, epoch, lr and the metrics reported with it."""
+    state: dict[str, Any] = json.loads((Path(folder) / STATE_FILE).read_text())
+    return state
+
+
+def load_checkpoint(
+    folder: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer, *, ema_unet: Any = None
+) -> int:
+    """Load weights and optimizer state saved by ``save_checkpoint`` in place; returns the step."""
+    from safetensors.torch import load_file
+
+    unet.load_state_dict(load_file(str(folder / UNET_DIR / WEIGHTS_FILE)))
+    if ema_unet is not None:
+        # A checkpoint written without EMA (ema_decay was None) starts the EMA from the weights.
+        ema_source = folder / EMA_UNET_DIR if (folder / EMA_UNET_DIR).is_dir() else folder / UNET_DIR
+        ema_unet.load_state_dict(load_file(str(ema_source / WEIGHTS_FILE)))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / OPTIMIZER_WEIGHTS)).items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    param_groups = json.loads((folder / OPTIMIZER_META).read_text())["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    return int(read_checkpoint_state(folder)["step"])
+
+
+def exported_weights_dir(folder: Path) -> Path:
+    """The U-Net a checkpoint exports: its EMA when the run kept one, else the trained weights."""
+    return folder / (EMA_UNET_DIR if (folder / EMA_UNET_DIR).is_dir() else UNET_DIR)

@@ -1,0 +1,183 @@
+"""`ldm train`: train the text-conditioned U-Net on Ray Train, track it in MLflow, export and register it.
+
+The job is a short recipe run by the driver (``run_train``):
+
+1. make every local path in the config absolute (Ray Train runs each worker in a working directory
+   of its own, so a relative ``./ldm-demo`` would name another folder there);
+2. read the latents' facts from the Parquet schema (scaling factor, latent and text-embedding shapes);
+3. precompute the empty-prompt embedding (caption dropout) with the run's text encoder;
+4. open the MLflow run: full config as params and YAML, the data manifest as the run's input;
+5. with ``init_from``, resolve the model whose U-Net starts training (fine-tuning);
+6. fit a ``TorchTrainer`` whose workers run ``train_loop`` (``pipelines/train/loop.py``) in a
+   ``RayWorld``: DDP (gloo on CPU, NCCL on GPU), each worker streaming its shard with Ray Data;
+   ``FailureConfig(max_failures)`` restarts a failed worker group from the last checkpoint;
+7. export the last checkpoint's EMA U-Net as a diffusers pipeline folder and register it, linked to
+   the run (alias ``candidate``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm import storage
+from ldm.config.train import TrainConfig
+from ldm.contract import COL_LATENT, COL_TEXT_EMBEDDING, LATENTS_DIR, WorkDir
+from ldm.errors import DataError
+from pipelines.train.data import LatentsFacts, ray_batches, read_latents_facts
+from pipelines.train.export import export_checkpoint, register
+from pipelines.train.hooks import fault_from_env, standard_hooks
+from pipelines.train.loop import LoopInputs, train_loop
+from pipelines.train.monitor import WorkerTracking
+from pipelines.train.source import load_first_stage, load_init_unet
+from pipelines.train.tracking import DriverTracking
+from pipelines.train.world import RayWorld
+
+PATH_FIELDS = ("workdir", "data", "autoencoder", "text_encoder", "init_from")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every local path made absolute against the driver's working directory; URIs
+    (``s3://``, ``models:/``, ``runs:/``) stay as they are."""
+    updates: dict[str, str] = {}
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value and ":/" not in value:
+            updates[name] = str(Path(value).expanduser().resolve())
+    return cfg.model_copy(update=updates)
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver hands every training worker."""
+
+    cfg: TrainConfig
+    facts: LatentsFacts
+    empty_embedding: torch.Tensor  # [L, D], the empty prompt as the pipeline encodes it
+    init_weights: Any  # ray.ObjectRef of the fine-tuning U-Net's state dict, or None
+    run_id: str | None
+    tracking_uri: str
+    fault: tuple[int, int] | None  # test hook, see pipelines/train/hooks.py FaultInjection
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the ``TorchTrainer``: one Ray Train worker runs the loop."""
+    import ray
+    import ray.train
+
+    args: WorkerArgs = config["args"]
+    torch.set_num_threads(args.cfg.torch_threads)
+    world = RayWorld()
+    empty = args.empty_embedding.to(world.device)
+    shard = ray.train.get_dataset_shard("train")
+    batches = ray_batches(shard, args.cfg, args.facts, empty, world.rank, world.device)
+    init_weights = ray.get(args.init_weights) if args.init_weights is not None else None
+    tracking = None
+    if world.rank == 0 and args.run_id is not None:
+        tracking = WorkerTracking(args.run_id, args.tracking_uri)
+    hooks = standard_hooks(world.rank, tracking, args.facts.scaling_factor, args.fault)
+    train_loop(LoopInputs(args.cfg, args.facts, init_weights), batches, world, hooks)
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, export and register; returns run id, model version, final loss, steps, export folder,
+    checkpoint, and each rank's node and weight fingerprint at the end (``replicas``)."""
+    import ray
+
+    from ldm.runtime import ensure_ray
+    from ldm.text import encode_captions
+
+    cfg = absolute_paths(cfg)
+    work = WorkDir(cfg.workdir)
+    data_uri = cfg.data or str(work.data)
+    latents_uri = storage.join(data_uri, LATENTS_DIR)
+    facts = read_latents_facts(latents_uri)
+
+    # The empty prompt, encoded exactly as the pipeline will encode it at inference (caption dropout).
+    first_stage = load_first_stage(cfg, facts.scaling_factor)
+    empty_embedding = encode_captions(first_stage["tokenizer"], first_stage["text_encoder"], [""])[0]
+    if tuple(empty_embedding.shape) != facts.text_embedding_shape:
+        raise DataError(
+            f"text encoder gives embeddings of shape {tuple(empty_embedding.shape)} but the data holds "
+            f"{facts.text_embedding_shape}: train with the text encoder that ingest used"
+        )
+
+    ensure_ray(cfg.ray_address, cfg.num_cpus)
+    run_name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
+    tracking = DriverTracking(cfg.workdir)
+    tracking.start(cfg, run_name, data_uri, facts)
+    # Fine-tuning: the driver resolves the model once; workers get the weights from the object store
+    # (a worker on another node cannot read the driver's disk).
+    init_weights = ray.put(load_init_unet(cfg.init_from, cfg, facts)) if cfg.init_from else None
+    args = WorkerArgs(
+        cfg,
+        facts,
+        empty_embedding.detach().float().cpu(),
+        init_weights,
+        tracking.run_id,
+        tracking.tracking_uri,
+        fault_from_env(),
+    )
+    try:
+        result = _fit(args, latents_uri, work, run_name)
+    except BaseException:
+        tracking.end("FAILED")
+        raise
+
+    export_dir = work.exports / (tracking.run_id or run_name)
+    with result.checkpoint.as_directory() as folder:
+        exported, state = export_checkpoint(Path(folder), first_stage, cfg, export_dir)
+    final_loss = float(result.metrics.get("loss", state.get("loss", float("nan"))))
+    version = register(export_dir, cfg, tracking)
+    tracking.log_final({"final_loss": final_loss, "final_step": state["step"]}, export_dir)
+    tracking.end("FINISHED")
+    return {
+        "run_id": tracking.run_id,
+        "model_name": cfg.model_name,
+        "model_version": version,
+        "final_loss": final_loss,
+        "steps": state["step"],
+        "export": str(export_dir),
+        "checkpoint": result.checkpoint.path,
+        "exported_weights": exported,
+        "replicas": state.get("replicas", []),
+    }
+
+
+def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> Any:
+    """Run the ``TorchTrainer``; returns its ``Result`` (with a checkpoint, or it raises)."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = args.cfg
+    fs, latents_path = storage.filesystem(latents_uri)
+    dataset = ray.data.read_parquet(latents_path, filesystem=fs).select_columns(
+        [COL_LATENT, COL_TEXT_EMBEDDING]
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"args": args},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,  # True: NCCL between workers, bf16 autocast (mixed_precision="auto")
+            # Half a CPU each by default: workers that reserve every CPU starve Ray Data (docs/TRAINING.md).
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
+        ),
+        run_config=RunConfig(
+            storage_path=str(work.runs),
+            name=run_name,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} reported no checkpoint")
+    return result
