@@ -1,8 +1,9 @@
-"""Copy infra/serve/serve-config.yaml into the serveConfigV2 of infra/k8s/rayservice.yaml.
+"""Write the serveConfigV2 of infra/k8s/rayservice.yaml from the serving code (the GPU variant).
 
-The serve config is kept by the serving side (and used by `serve deploy` outside Kubernetes); the
-RayService must carry the very same text. Run from anywhere: ``python infra/sync_serve_config.py``.
-``--check`` only reports whether they differ (exit 1), for CI.
+infra/serve/serve-config.yaml is the CPU config (`serve run` / `serve deploy` anywhere); the RayService
+carries the same file rendered for its GPU workers (one GPU per model replica, float16), from the same
+code: `serve.deploy_config.render(gpu_cluster_config())`. Run from anywhere:
+``python infra/sync_serve_config.py``; ``--check`` only reports whether it differs (exit 1), for CI.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ MARKER = "  serveConfigV2: |\n"  # the last key of the RayService spec: the bloc
 INDENT = " " * 4
 
 
+def _gpu_serve_config() -> str:
+    # A script run as `python infra/...` has infra/ on sys.path, not the repository: add it.
+    sys.path.insert(0, str(INFRA.parent))
+    from serve.deploy_config import gpu_cluster_config, render
+
+    return render(gpu_cluster_config())
+
+
 def rendered() -> str:
-    """The RayService text with serveConfigV2 set to serve-config.yaml, indented as a literal block."""
+    """The RayService text with serveConfigV2 set to the GPU serve config, indented as a literal block."""
     text = RAYSERVICE.read_text()
     if MARKER not in text:
         raise SystemExit(f"{RAYSERVICE}: no line {MARKER.strip()!r} (it must be the spec's last key)")
     head = text.split(MARKER, 1)[0]
-    body = "".join(
-        INDENT + line if line.strip() else "\n" for line in SERVE_CONFIG.read_text().splitlines(True)
-    )
+    body = "".join(INDENT + line if line.strip() else "\n" for line in _gpu_serve_config().splitlines(True))
     return head + MARKER + body.rstrip("\n") + "\n"
 
 
@@ -33,10 +40,10 @@ def main(argv: list[str]) -> int:
     new = rendered()
     if "--check" in argv:
         same = new == RAYSERVICE.read_text()
-        print("in sync" if same else f"{RAYSERVICE} differs from {SERVE_CONFIG}: run {Path(__file__).name}")
+        print("in sync" if same else f"{RAYSERVICE} differs from the serve config: run {Path(__file__).name}")
         return 0 if same else 1
     RAYSERVICE.write_text(new)
-    print(f"wrote serveConfigV2 of {RAYSERVICE} from {SERVE_CONFIG}")
+    print(f"wrote serveConfigV2 of {RAYSERVICE} (GPU variant of {SERVE_CONFIG.name})")
     return 0
 
 

@@ -205,34 +205,57 @@ def generate(
     ],
     prompt: Annotated[str, typer.Option("--prompt", help="Text prompt.")],
     out: Annotated[Path, typer.Option("--out", help="Output PNG (a grid when --num-images > 1).")],
-    seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
-    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
-    steps: Annotated[int, typer.Option("--steps", min=1, max=200)] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", min=0.0, max=30.0)] = 4.0,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim | dpmpp | euler")] = "dpmpp",
-    num_images: Annotated[int, typer.Option("--num-images", min=1, max=8)] = 1,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, help="Image i uses seed + i. [default: random, printed]")
+    ] = None,
+    negative_prompt: Annotated[
+        str, typer.Option("--negative-prompt", help="What to steer away from (needs guidance > 1).")
+    ] = "",
+    steps: Annotated[int, typer.Option("--steps", min=1, max=200, help="Sampler steps.")] = 25,
+    guidance: Annotated[
+        float, typer.Option("--guidance", min=0.0, max=30.0, help="Classifier-free guidance scale.")
+    ] = 4.0,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="Sampler: ddim | dpmpp | euler.")] = "dpmpp",
+    num_images: Annotated[int, typer.Option("--num-images", min=1, max=8, help="Images to make.")] = 1,
+    width: Annotated[
+        int | None, typer.Option("--width", help="Image width, a multiple of the model's factor.")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option("--height", help="Image height, a multiple of the model's factor.")
+    ] = None,
     workdir: WorkdirOpt = None,
 ) -> None:
     """Generate images from a model without the server."""
 
     def job() -> None:
+        from pydantic import ValidationError
+
         from ldm import tracking
         from ldm.pipeline import generate as run_generate
         from ldm.pipeline import load_pipeline, make_grid
+        from ldm.request import GenerationRequest
 
+        try:  # the request is checked before the model is loaded
+            request = GenerationRequest.model_validate(
+                {
+                    "prompt": prompt,
+                    "negative_prompt": negative_prompt,
+                    "num_inference_steps": steps,
+                    "guidance_scale": guidance,
+                    "seed": seed,
+                    "num_images": num_images,
+                    "scheduler": scheduler,
+                    "width": width,
+                    "height": height,
+                }
+            )
+        except ValidationError as error:
+            problem = error.errors()[0]
+            raise UserError(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from error
         tracking.configure(workdir or "./ldm-demo")
         try:
             loaded = load_pipeline(model)
-            result = run_generate(
-                loaded.pipe,
-                prompt,
-                negative_prompt=negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                seed=seed,
-                num_images=num_images,
-                scheduler=scheduler,
-            )
+            result = run_generate(loaded.pipe, request)
         except (ValueError, FileNotFoundError) as error:
             raise UserError(str(error)) from error
         image = result.images[0] if num_images == 1 else make_grid(result.images, 1, num_images)
@@ -254,10 +277,12 @@ def serve(
     model: Annotated[
         str | None, typer.Option("--model", help="Model URI [default: models:/ldm@champion].")
     ] = None,
-    port: Annotated[int | None, typer.Option("--port")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="HTTP port (0 picks a free one). [default: 8000]")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Deploy the Ray Serve application and run until interrupted."""
+    """Deploy the Ray Serve application (HTTP API + OpenAI images API) and run until interrupted."""
     from ldm.config.serve import ServeConfig
 
     def job() -> None:

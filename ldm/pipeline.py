@@ -1,54 +1,72 @@
 """The one generation entry point: assemble, save, load and run the diffusers pipeline.
 
-The CLI (`ldm generate`), the Ray Serve app, the demo, the notebooks and the tests all generate
-through `generate()` (STYLE.md 8), so the same request with the same seed gives the same images
-wherever it runs. Sampling itself is diffusers' `StableDiffusionPipeline` with diffusers' schedulers
-(STYLE.md 3: reuse them where they fit); this module only adds what the project promises on top:
+The CLI (`ldm generate`), the Ray Serve app, the MLflow pyfunc, the demo, the notebooks and the tests
+all generate through this module (STYLE.md 8), so the same request with the same seed gives the same
+images wherever it runs. Requests are `ldm.request.GenerationRequest` (validated once, there).
+Sampling itself is diffusers' `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline` with
+diffusers' schedulers; this module only adds what the project promises on top:
 
 - seeds: one CPU `torch.Generator` per image, seeded ``seed + i``, so image ``i`` of a batch equals
   the single image generated with seed ``seed + i`` (CPU generators also make a seed mean the same
   image on a GPU, up to float rounding);
-- a fresh scheduler per call, built from the model's own scheduler config, so concurrent requests
-  on one loaded pipeline never share scheduler state;
-- loading from a local folder, an ``s3://`` folder or an MLflow model URI, safetensors only;
-- `generate_batch`: compatible requests (same steps, guidance, scheduler, size) as one pipeline call,
-  each with its own prompt, negative prompt and seed (the server's dynamic batching);
-- `generate_img2img`: image-to-image over the same components (`StableDiffusionImg2ImgPipeline`);
+- a fresh scheduler per call, built from the model's own scheduler config, on a per-call pipeline
+  made with diffusers' ``from_pipe`` (shared weights), so concurrent requests on one loaded pipeline
+  never share scheduler state;
+- loading from a local folder, an ``s3://`` folder or an MLflow model URI, safetensors only, on a
+  device and in a dtype (float16/bfloat16 on CUDA for serving);
+- one private runner, `_run`, behind `generate` (text to image), `generate_batch` (compatible
+  requests as one pipeline call: the server's dynamic batching) and `generate_img2img`;
 - `check_pipeline`: a one-step probe that fails on non-finite pixels (the server's health check).
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-SchedulerName = Literal["ddim", "dpmpp", "euler"]
-SCHEDULERS: tuple[SchedulerName, ...] = ("ddim", "dpmpp", "euler")
+from ldm.diffusion import make_noise_scheduler
+from ldm.request import (
+    MAX_SEED,
+    SCHEDULERS,
+    GenerationRequest,
+    ImageToImageRequest,
+    SchedulerName,
+)
 
-# Seeds up to 2**53 - 1 survive a round trip through JSON in every client (JavaScript numbers are
-# doubles), and seed + image index stays far below torch's 64-bit limit.
-MAX_SEED = 2**53 - 1
+__all__ = [
+    "MAX_SEED",
+    "SCHEDULERS",
+    "GenerationRequest",
+    "GenerationResult",
+    "ImageToImageRequest",
+    "LoadedModel",
+    "assemble_pipeline",
+    "check_pipeline",
+    "check_size",
+    "generate",
+    "generate_batch",
+    "generate_img2img",
+    "load_pipeline",
+    "make_grid",
+    "make_scheduler",
+    "output_size",
+    "save_pipeline",
+    "size_multiple",
+]
 
-# The training noise schedule of Stable Diffusion (scaled_linear 0.00085 -> 0.012 over 1000 steps).
-# steps_offset/clip_sample/set_alpha_to_one as below, or StableDiffusionPipeline rewrites the config
-# with a deprecation warning (TRAPS.md).
-DEFAULT_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
+DType = Literal["float32", "float16", "bfloat16"]
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
 }
 
 
@@ -56,7 +74,7 @@ DEFAULT_SCHEDULER_CONFIG = {
 class LoadedModel:
     """A ready pipeline and where it came from (name/version are None for a plain folder version)."""
 
-    pipe: object  # diffusers.StableDiffusionPipeline (kept untyped so importing this module stays light)
+    pipe: Any  # diffusers.StableDiffusionPipeline (kept untyped so importing this module stays light)
     name: str | None
     version: str | None
     uri: str
@@ -68,14 +86,6 @@ class GenerationResult:
     seed: int  # the seed of the first image; image i used seed + i
 
 
-def default_scheduler():
-    from diffusers import DDPMScheduler
-
-    # from_config (not the constructor) so that set_alpha_to_one, a DDIM-only key, stays in the
-    # saved config and reaches the DDIM sampler built from it.
-    return DDPMScheduler.from_config(DEFAULT_SCHEDULER_CONFIG)
-
-
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
     """A `StableDiffusionPipeline` from our parts; ``scheduler`` should be the training scheduler."""
     from diffusers import StableDiffusionPipeline
@@ -85,7 +95,7 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler if scheduler is not None else default_scheduler(),
+        scheduler=scheduler if scheduler is not None else make_noise_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -102,19 +112,32 @@ def save_pipeline(pipe, folder: str | Path) -> Path:
     return folder
 
 
-def _from_folder(folder: Path, model_uri: str):
+def _from_folder(folder: Path, model_uri: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_uri}: not a diffusers pipeline folder (no model_index.json)")
     # use_safetensors=True: a folder holding only pickled weights fails instead of being unpickled.
-    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    return StableDiffusionPipeline.from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, dtype=dtype
+    )
 
 
-def load_pipeline(model_uri: str, device: str = "cpu") -> LoadedModel:
+def check_device_dtype(device: str, dtype: DType) -> None:
+    """Refuse what cannot run: half precision on the CPU (float16 kernels are missing or very slow)."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise ValueError(f"dtype float16 needs a CUDA device, got device {device!r}: use float32 or bfloat16")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+
+
+def load_pipeline(model_uri: str, device: str = "cpu", dtype: DType = "float32") -> LoadedModel:
     """Load a pipeline from a local folder, an ``s3://`` folder or ``models:/...``/``runs:/...``."""
     from ldm import storage
 
+    check_device_dtype(device, dtype)
     model_uri = str(model_uri)
     if model_uri.startswith(("models:/", "runs:/")):
         from ldm.registry import resolve_model_uri
@@ -122,12 +145,12 @@ def load_pipeline(model_uri: str, device: str = "cpu") -> LoadedModel:
         # The MLflow download is a private temporary copy: the weights are in memory once loaded.
         with tempfile.TemporaryDirectory(prefix="ldm-model-") as tmp:
             folder, name, version = resolve_model_uri(model_uri, dst_path=tmp)
-            pipe = _from_folder(folder, model_uri)
+            pipe = _from_folder(folder, model_uri, TORCH_DTYPES[dtype])
     else:
         folder = storage.materialize(model_uri)
         # the folder's own name (for s3:// the last part of the URI, not the cache folder's hash)
         name, version = model_uri.rstrip("/").rsplit("/", 1)[-1] or folder.resolve().name, None
-        pipe = _from_folder(folder, model_uri)
+        pipe = _from_folder(folder, model_uri, TORCH_DTYPES[dtype])
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, name=name, version=version, uri=model_uri)
@@ -147,42 +170,21 @@ def make_scheduler(pipe, name: SchedulerName):
     return classes[name].from_config(config)
 
 
-def _validate(prompts, negative_prompt, num_inference_steps, guidance_scale, seed, num_images, scheduler):
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a string or a non-empty list of strings")
-    if not isinstance(negative_prompt, str):
-        raise ValueError("negative_prompt must be a string")
-    if (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, int)
-        or num_inference_steps < 1
-    ):
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
-        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
-    ):
-        raise ValueError(f"seed must be None or an integer in [0, {MAX_SEED}], got {seed!r}")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-
-
 def output_size(pipe) -> int:
     """Side of the images the pipeline makes by default: U-Net sample size x VAE scale factor."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def _check_size(pipe, height: int | None, width: int | None) -> None:
-    multiple = max(8, pipe.vae_scale_factor)
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: the VAE's downsampling factor, and at least 8."""
+    return max(8, int(pipe.vae_scale_factor))
+
+
+def check_size(pipe, height: int | None, width: int | None) -> None:
+    """Raise ValueError naming ``height``/``width`` unless each is None or a multiple of `size_multiple`."""
+    multiple = size_multiple(pipe)
     for label, side in (("height", height), ("width", width)):
-        if side is not None and (
-            isinstance(side, bool) or not isinstance(side, int) or side < multiple or side % multiple
-        ):
+        if side is not None and (side < multiple or side % multiple):
             raise ValueError(f"{label} must be a positive multiple of {multiple}, got {side!r}")
 
 
@@ -191,174 +193,132 @@ def _pick_seed(seed: int | None, total: int) -> int:
     return secrets.randbelow(MAX_SEED - total) if seed is None else seed
 
 
-def _view(pipe, scheduler: SchedulerName, cls=None):
-    """A per-call pipeline sharing the (read-only) modules of ``pipe`` but with its own scheduler.
+def _per_call_pipeline(pipe, scheduler: SchedulerName, image_to_image: bool = False):
+    """A pipeline sharing the (read-only) modules of ``pipe`` but with its own fresh scheduler.
 
-    Concurrent calls never step each other's scheduler state; ``cls`` picks another pipeline class
-    over the same components (image-to-image).
+    diffusers' ``from_pipe`` builds it without copying weights. Its ``dtype`` defaults to
+    float32 and it casts the SHARED modules to that dtype, so the loaded dtype is passed explicitly
+    (otherwise an fp16 model would be silently upcast by its first request).
     """
-    components = {**pipe.components, "scheduler": make_scheduler(pipe, scheduler)}
-    view = (cls or type(pipe))(**components, requires_safety_checker=False)
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if image_to_image else StableDiffusionPipeline
+    view = cls.from_pipe(pipe, scheduler=make_scheduler(pipe, scheduler), dtype=pipe.dtype)
     view.set_progress_bar_config(disable=True)
     return view
 
 
-def generate(
+def _run(
     pipe,
-    prompts: list[str] | str,
-    *,
-    negative_prompt: str = "",
-    num_inference_steps: int = 25,
-    guidance_scale: float = 4.0,
-    seed: int | None = None,
-    num_images: int = 1,
-    scheduler: SchedulerName = "dpmpp",
-    height: int | None = None,
-    width: int | None = None,
-) -> GenerationResult:
+    requests: Sequence[GenerationRequest],
+    seeds: Sequence[int],
+    init_image: Image.Image | None = None,
+) -> list[GenerationResult]:
+    """THE generation call: compatible ``requests`` (one `batch_key`) as one pipeline call.
+
+    One row per image: each request's prompt repeated ``num_images`` times, each image with its own
+    CPU generator seeded ``seed + i``. With ``init_image`` the requests are `ImageToImageRequest`s
+    and the init image, resized to the requested (or the model's) size, is their starting point.
+    """
+    first = requests[0]
+    if len({request.batch_key() for request in requests}) > 1:
+        raise ValueError("requests in one call must share steps, guidance, scheduler and size")
+    check_size(pipe, first.height, first.width)
+    prompts: list[str] = []
+    negatives: list[str] = []
+    generators: list[torch.Generator] = []
+    for request, seed in zip(requests, seeds, strict=True):
+        prompts += [request.prompt] * request.num_images
+        negatives += [request.negative_prompt] * request.num_images
+        generators += [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
+    arguments: dict[str, Any] = {
+        "prompt": prompts,
+        "negative_prompt": negatives,
+        "num_inference_steps": first.num_inference_steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
+        "generator": generators,
+        "output_type": "pil",
+    }
+    if init_image is None:
+        arguments |= {"height": first.height, "width": first.width}
+    else:
+        assert isinstance(first, ImageToImageRequest)
+        side = output_size(pipe)
+        size = (first.width or side, first.height or side)
+        arguments |= {
+            "image": init_image.convert("RGB").resize(size, Image.Resampling.BICUBIC),
+            "strength": first.strength,
+        }
+    output = _per_call_pipeline(pipe, first.scheduler, init_image is not None)(**arguments)
+    results, start = [], 0
+    for request, seed in zip(requests, seeds, strict=True):
+        results.append(GenerationResult(list(output.images[start : start + request.num_images]), seed))
+        start += request.num_images
+    return results
+
+
+def generate(pipe, prompts: str | list[str] | GenerationRequest, **options: Any) -> GenerationResult:
     """Generate ``num_images`` images per prompt; the same arguments and seed give the same images.
 
-    Images come in prompt order, ``num_images`` per prompt; image ``i`` is drawn from a generator
-    seeded ``seed + i``. With ``seed=None`` a seed is picked and returned in the result.
+    ``prompts`` is a `GenerationRequest`, or one prompt or a list of prompts with the other fields of
+    `GenerationRequest` as keyword arguments (validated there: a bad value raises ValueError naming
+    the field). Images come in prompt order, ``num_images`` per prompt; image ``i`` (counted over all
+    prompts) is drawn from a generator seeded ``seed + i``. With no seed one is picked and returned.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    _validate(prompts, negative_prompt, num_inference_steps, guidance_scale, seed, num_images, scheduler)
-    _check_size(pipe, height, width)
-    total = len(prompts) * num_images
-    seed = _pick_seed(seed, total)
-    # CPU generators: the same seed means the same initial noise on any device.
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(total)]
-    output = _view(pipe, scheduler)(
-        prompt=prompts,
-        negative_prompt=[negative_prompt] * len(prompts),
-        num_inference_steps=num_inference_steps,
-        guidance_scale=float(guidance_scale),
-        num_images_per_prompt=num_images,
-        generator=generators,
-        height=height,
-        width=width,
-        output_type="pil",
-    )
-    return GenerationResult(images=list(output.images), seed=seed)
+    if isinstance(prompts, GenerationRequest):
+        if options:
+            raise ValueError("pass either a GenerationRequest or prompts with options, not both")
+        requests = [prompts]
+    else:
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompt_list:
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        requests = [GenerationRequest(prompt=prompt, **options) for prompt in prompt_list]
+    per_prompt = requests[0].num_images
+    seed = _pick_seed(requests[0].seed, per_prompt * len(requests))
+    results = _run(pipe, requests, [seed + j * per_prompt for j in range(len(requests))])
+    return GenerationResult([image for result in results for image in result.images], seed)
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One text-to-image request, the unit that `generate_batch` merges with compatible others."""
-
-    prompt: str
-    negative_prompt: str = ""
-    num_inference_steps: int = 25
-    guidance_scale: float = 4.0
-    seed: int | None = None
-    num_images: int = 1
-    scheduler: SchedulerName = "dpmpp"
-    height: int | None = None
-    width: int | None = None
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (one sampler, one guidance, one size)."""
-        return (self.num_inference_steps, float(self.guidance_scale), self.scheduler, self.height, self.width)
-
-
-def generate_batch(pipe, requests: list[GenerationRequest]) -> list[GenerationResult]:
+def generate_batch(pipe, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
     """Run compatible requests (equal `GenerationRequest.batch_key`) as ONE pipeline call.
 
-    Each request keeps its own prompt, negative prompt, seed and ``num_images``; image ``i`` of a
-    request is drawn from a generator seeded ``request.seed + i``, exactly as in `generate`, so a
-    batched image equals the image the request would get alone (up to the last-bit rounding of batched
-    matmuls). This is what the server's dynamic batching calls.
+    Each request keeps its own prompt, negative prompt, seed and ``num_images``, so a batched image
+    equals the image the request would get alone (up to the last-bit rounding of batched matmuls).
+    This is what the server's dynamic batching calls.
     """
     if not requests:
         raise ValueError("requests must not be empty")
     keys = {request.batch_key() for request in requests}
     if len(keys) > 1:
         raise ValueError(f"requests in one batch must share steps, guidance, scheduler and size, got {keys}")
-    for request in requests:
-        _validate(
-            [request.prompt],
-            request.negative_prompt,
-            request.num_inference_steps,
-            request.guidance_scale,
-            request.seed,
-            request.num_images,
-            request.scheduler,
-        )
-    first = requests[0]
-    _check_size(pipe, first.height, first.width)
-    seeds = [_pick_seed(request.seed, request.num_images) for request in requests]
-    # One row per image: prompts repeated num_images times, so every image has its own generator.
-    prompts, negatives, generators = [], [], []
-    for request, seed in zip(requests, seeds, strict=True):
-        prompts += [request.prompt] * request.num_images
-        negatives += [request.negative_prompt] * request.num_images
-        generators += [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
-    output = _view(pipe, first.scheduler)(
-        prompt=prompts,
-        negative_prompt=negatives,
-        num_inference_steps=first.num_inference_steps,
-        guidance_scale=float(first.guidance_scale),
-        num_images_per_prompt=1,
-        generator=generators,
-        height=first.height,
-        width=first.width,
-        output_type="pil",
-    )
-    results, start = [], 0
-    for request, seed in zip(requests, seeds, strict=True):
-        images = list(output.images[start : start + request.num_images])
-        results.append(GenerationResult(images=images, seed=seed))
-        start += request.num_images
-    return results
+    return _run(pipe, requests, [_pick_seed(request.seed, request.num_images) for request in requests])
 
 
 def generate_img2img(
-    pipe,
-    init_image: Image.Image,
-    prompt: str,
-    *,
-    strength: float = 0.6,
-    negative_prompt: str = "",
-    num_inference_steps: int = 25,
-    guidance_scale: float = 4.0,
-    seed: int | None = None,
-    num_images: int = 1,
-    scheduler: SchedulerName = "dpmpp",
+    pipe, init_image: Image.Image, request: ImageToImageRequest | str, **options: Any
 ) -> GenerationResult:
-    """Image-to-image: noise ``init_image`` to ``strength`` (0 < strength <= 1) and denoise toward ``prompt``.
+    """Image to image: noise ``init_image`` to ``strength`` and denoise toward the prompt.
 
+    ``request`` is an `ImageToImageRequest`, or a prompt with its other fields as keyword arguments.
     diffusers' `StableDiffusionImg2ImgPipeline` over the same components as ``pipe`` (no second copy
-    of the weights). The init image is converted to RGB and resized to the model's output size; the
-    sampler runs ``int(num_inference_steps * strength)`` steps, which must be at least 1.
-    Seeds work as in `generate`: image ``i`` uses ``seed + i``.
+    of the weights). The init image is converted to RGB and resized to the requested size (default:
+    the model's output size). Seeds work as in `generate`: image ``i`` uses ``seed + i``.
     """
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    _validate([prompt], negative_prompt, num_inference_steps, guidance_scale, seed, num_images, scheduler)
+    if isinstance(request, str):
+        request = ImageToImageRequest(prompt=request, **options)
+    elif options:
+        raise ValueError("pass either an ImageToImageRequest or a prompt with options, not both")
     if not isinstance(init_image, Image.Image):
         raise ValueError(f"init_image must be a PIL image, got {type(init_image).__name__}")
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    if int(num_inference_steps * strength) < 1:
+    if request.denoising_steps() < 1:
         raise ValueError(
-            f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising step"
+            f"strength {request.strength} x num_inference_steps {request.num_inference_steps} "
+            "leaves no denoising step"
         )
-    side = output_size(pipe)
-    image = init_image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
-    seed = _pick_seed(seed, num_images)
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    output = _view(pipe, scheduler, StableDiffusionImg2ImgPipeline)(
-        prompt=[prompt],
-        image=image,
-        strength=float(strength),
-        negative_prompt=[negative_prompt],
-        num_inference_steps=num_inference_steps,
-        guidance_scale=float(guidance_scale),
-        num_images_per_prompt=num_images,
-        generator=generators,
-        output_type="pil",
-    )
-    return GenerationResult(images=list(output.images), seed=seed)
+    seed = _pick_seed(request.seed, request.num_images)
+    return _run(pipe, [request], [seed], init_image=init_image)[0]
 
 
 def check_pipeline(pipe) -> None:
@@ -368,7 +328,7 @@ def check_pipeline(pipe) -> None:
     memory, a lost GPU) still "generates" black images without any error, so look at the numbers.
     """
     generator = torch.Generator("cpu").manual_seed(0)
-    output = _view(pipe, "ddim")(
+    output = _per_call_pipeline(pipe, "ddim")(
         prompt=["health check"],
         num_inference_steps=1,
         guidance_scale=1.0,
@@ -380,16 +340,20 @@ def check_pipeline(pipe) -> None:
 
 
 def make_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
-    """Paste equally sized images row by row into one ``rows`` x ``cols`` grid (blank cells at the end)."""
+    """``rows`` x ``cols`` grid of equally sized images, row by row, blank (white) cells at the end.
+
+    diffusers' `make_image_grid` does the pasting; it needs exactly rows x cols images, so the
+    missing cells are padded with white images here.
+    """
+    from diffusers.utils import make_image_grid
+
     if rows < 1 or cols < 1:
         raise ValueError(f"rows and cols must be >= 1, got {rows}x{cols}")
     if not images or len(images) > rows * cols:
         raise ValueError(f"need 1..{rows * cols} images for a {rows}x{cols} grid, got {len(images)}")
-    width, height = images[0].size
-    if any(image.size != (width, height) for image in images):
+    size = images[0].size
+    if any(image.size != size for image in images):
         raise ValueError("all images in a grid must have the same size")
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for index, image in enumerate(images):
-        row, col = divmod(index, cols)
-        grid.paste(image.convert("RGB"), (col * width, row * height))
-    return grid
+    cells = [image.convert("RGB") for image in images]
+    cells += [Image.new("RGB", size, "white")] * (rows * cols - len(cells))
+    return make_image_grid(cells, rows=rows, cols=cols)

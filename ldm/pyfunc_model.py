@@ -1,15 +1,18 @@
 """The MLflow pyfunc wrapper of a diffusers pipeline folder, logged as *model code*, not a pickle.
 
-`ldm.registry.register_pipeline` logs this file with ``python_model=<path of this file>`` (MLflow's
-"models from code"): MLflow copies the file next to the model and runs it on load, so the registry
+`ldm.registry.register_pipeline` logs this file by path (``python_model=<path of this file>``,
+MLflow's "models from code"): MLflow copies it next to the model and runs it on load, so the registry
 never holds a cloudpickled Python object and nothing loads a pickle from storage. The pipeline itself
-is the ``pipeline`` artifact, a diffusers folder with safetensors weights.
+is the ``pipeline`` artifact, a diffusers folder with safetensors weights. The ``ldm`` package is
+logged with the model as ``code_paths`` and the requirements are pinned, so the model loads and
+serves without this project installed (``mlflow models serve``, any env manager, a plain
+model-serving image).
 
 Our own code does not go through pyfunc (it downloads the artifacts and calls
-`ldm.pipeline.load_pipeline`); the wrapper is there so that ``mlflow.pyfunc.load_model(uri)`` and
-``mlflow models serve`` also work: input is a list of `PromptRow` dicts (``prompt`` required)
-and optional ``seed``/``num_inference_steps``/``guidance_scale``/``scheduler``; output is one
-base64 PNG per row.
+`ldm.pipeline.load_pipeline`); the wrapper is for ``mlflow.pyfunc.load_model(uri).predict(...)`` and
+``mlflow models serve``: the input is a list of `PromptRow` (``prompt`` required, the other fields of
+`ldm.request.GenerationRequest` optional), i.e. ``{"inputs": [{"prompt": ...}]}`` over HTTP; the
+output is one base64 PNG per row.
 """
 
 from __future__ import annotations
@@ -25,13 +28,20 @@ PIPELINE_ARTIFACT = "pipeline"
 
 
 class PromptRow(BaseModel):
-    """One generation request; the type hint lets MLflow validate input and infer the signature."""
+    """One row of the pyfunc's input; the type hint lets MLflow validate input and infer the signature.
+
+    Plain types only (MLflow's signature inference does not take Literal or constrained types); the
+    row becomes a `GenerationRequest`, which checks the limits and the scheduler name.
+    """
 
     prompt: str
+    negative_prompt: str | None = None
     seed: int | None = None
-    num_inference_steps: int = 25
-    guidance_scale: float = 4.0
-    scheduler: str = "dpmpp"
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class DiffusersPipelineModel(PythonModel):
@@ -42,11 +52,13 @@ class DiffusersPipelineModel(PythonModel):
 
     def predict(self, context, model_input: list[PromptRow], params=None) -> list[str]:
         from ldm.pipeline import generate
+        from ldm.request import GenerationRequest
 
         encoded = []
         for row in model_input:
-            options = row.model_dump(exclude={"prompt"})
-            image = generate(self.model.pipe, row.prompt, **options).images[0]
+            # exclude_none: a field the caller left out takes GenerationRequest's default.
+            request = GenerationRequest(**row.model_dump(exclude_none=True))
+            image = generate(self.model.pipe, request).images[0]
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))

@@ -15,8 +15,10 @@ The tracking/registry URI is whatever `ldm.tracking.configure` set (SQLite in th
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ldm.tracking import ALIAS_CANDIDATE, DEFAULT_MODEL_NAME
@@ -24,9 +26,38 @@ from ldm.tracking import ALIAS_CANDIDATE, DEFAULT_MODEL_NAME
 REGISTER_EXPERIMENT = "register"
 MODEL_ARTIFACT = "model"  # name of the logged model inside its run
 PIPELINE_ARTIFACT = "pipeline"  # the diffusers folder inside the logged model (see ldm.pyfunc_model)
+# The pyfunc wrapper, referenced by path and never imported here: importing it would close the circle
+# ldm.pipeline -> ldm.registry -> ldm.pyfunc_model -> ldm.pipeline.
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+LDM_PACKAGE = Path(__file__).resolve().parent
 
-# Explicit requirements: MLflow otherwise spends 5-9 s inferring them by loading the model (TRAPS.md).
-PIP_REQUIREMENTS = ["torch", "diffusers", "transformers", "safetensors", "pillow", "mlflow"]
+# What the pyfunc imports, pinned to the versions installed here (MLflow would otherwise spend 5-9 s
+# inferring them by loading the model). A serve with an env MLflow builds (virtualenv, conda, a
+# model-serving image) installs exactly these.
+REQUIRED_PACKAGES = (
+    "mlflow",
+    "torch",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "accelerate",
+    "pillow",
+    "numpy",
+    "pydantic",
+    "pyyaml",
+)
+INPUT_EXAMPLE = [{"prompt": "a small red circle in the top left", "seed": 0, "num_inference_steps": 2}]
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` of each installed required package (local build tags like ``+cu126`` dropped)."""
+    pinned = []
+    for name in REQUIRED_PACKAGES:
+        try:
+            pinned.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue  # optional here (accelerate): not installed, not required
+    return pinned
 
 
 def _client():
@@ -69,8 +100,6 @@ def register_pipeline(
     """
     import mlflow
 
-    from ldm import pyfunc_model
-
     if workdir is not None:
         from ldm.tracking import configure
 
@@ -79,12 +108,18 @@ def register_pipeline(
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-    with _run_context(run_id, workdir):
+    with _run_context(run_id, workdir), tempfile.TemporaryDirectory(prefix="ldm-code-") as code:
+        # The ldm package travels with the model (code_paths), without bytecode caches.
+        package = shutil.copytree(
+            LDM_PACKAGE, Path(code) / "ldm", ignore=shutil.ignore_patterns("__pycache__")
+        )
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=pyfunc_model.__file__,  # model code, not a pickle
+            python_model=str(PYFUNC_MODEL_FILE),  # model code, not a pickle
             artifacts={PIPELINE_ARTIFACT: str(folder)},
-            pip_requirements=PIP_REQUIREMENTS,
+            code_paths=[str(package)],
+            pip_requirements=pip_requirements(),
+            input_example=INPUT_EXAMPLE,
         )
         version = mlflow.register_model(info.model_uri, name, tags=tags).version
         mlflow.set_tag(f"registered.{name}", str(version))

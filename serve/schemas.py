@@ -1,98 +1,75 @@
-"""The request bodies of the HTTP API (CONTRACT.md "HTTP API"), as pydantic models.
+"""The request bodies of the HTTP API (docs/SERVING.md), as pydantic models.
 
-FastAPI validates every body against these before any model code runs: a wrong field is a 422 whose
-``detail[].loc`` names the field, never a 500. The models also document the API: they are what
+``/v1/generate`` takes `ldm.request.GenerationRequest` itself and ``/v1/img2img`` an
+`ImageToImageRequest` plus the init image: the fields and limits are the ones the CLI and the library
+use, defined once. FastAPI validates every body against these before any model code runs: a wrong
+field is a 422 whose ``detail[].loc`` names the field, never a 500. ``/v1/images/generations`` takes
+`OpenAIImageRequest`, what OpenAI's SDK sends. The models also document the API: they are what
 ``/openapi.json`` (and the ``/docs`` page) show.
 """
 
 import base64
 import binascii
 import io
-import unicodedata
-from typing import Annotated, Literal
+from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from ldm.pipeline import MAX_SEED
+from ldm.request import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_STEPS,
+    GenerationRequest,
+    ImageToImageRequest,
+    NegativePrompt,
+    Prompt,
+    SchedulerName,
+)
 
-MAX_PROMPT_CHARS = 2000
-# Whitespace controls that a pasted prompt may legitimately hold.
-_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+# Fields the server fills from its config when a request leaves them out.
+SERVER_DEFAULTS = ("num_inference_steps", "guidance_scale", "scheduler")
 
-
-def _clean_text(text: str) -> str:
-    """Refuse text the tokenizer and the logs should never see: lone surrogates and control characters.
-
-    JSON allows ``"\\ud800"`` (half of a UTF-16 pair), which Python keeps as an unencodable string;
-    NUL and other C0/C1 controls are never part of a real prompt. Everything else (emoji, CJK,
-    right-to-left scripts, combining marks, zero-width joiners) is a valid prompt.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from error
-    for char in text:
-        if unicodedata.category(char) == "Cc" and char not in _ALLOWED_CONTROLS:
-            raise ValueError(f"text must not contain control character U+{ord(char):04X}")
-    return text
+GenerateRequest = GenerationRequest  # the body of /v1/generate
 
 
-def _not_blank(prompt: str) -> str:
-    if not prompt.strip():
-        raise ValueError("prompt must not be blank")
-    return prompt
-
-
-Prompt = Annotated[
-    str,
-    Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw."),
-    AfterValidator(_clean_text),
-    AfterValidator(_not_blank),
-]
-NegativePrompt = Annotated[
-    str,
-    Field(max_length=MAX_PROMPT_CHARS, description="What to steer away from (classifier-free guidance)."),
-    AfterValidator(_clean_text),
-]
-
-
-class GenerateRequest(BaseModel):
-    """Body of ``POST /v1/generate``; fields left out (null) take the server's defaults."""
-
-    # strict: "5" is not a step count and true is not a seed; extra: a misspelt field is an error.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: Prompt
-    negative_prompt: NegativePrompt = ""
-    num_inference_steps: int | None = Field(None, ge=1, le=200, description="Sampler steps.")
-    guidance_scale: float | None = Field(
-        None, ge=0.0, le=30.0, allow_inf_nan=False, description="Classifier-free guidance scale."
-    )
-    seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Image i uses seed + i; null picks one (returned)."
-    )
-    num_images: int = Field(1, ge=1, le=8, description="Images for this prompt.")
-    scheduler: Literal["ddim", "dpmpp", "euler"] | None = Field(
-        None, description="Sampler, built from the model's own scheduler config."
-    )
-
-
-class Img2ImgRequest(GenerateRequest):
-    """Body of ``POST /v1/img2img``: a text-to-image request plus an init image and a strength."""
+class Img2ImgRequest(ImageToImageRequest):
+    """Body of ``POST /v1/img2img``: an image-to-image request plus the init image."""
 
     init_image: str = Field(
         description="The starting image: base64 PNG/JPEG/WebP (a data: URL prefix is accepted); "
-        "resized to the model's output size. Decoded by the server, which answers 422 when it is not "
-        "an image or is too large.",
+        "resized to the requested (or the model's) size. Decoded by the server, which answers 422 when "
+        "it is not an image or is too large.",
     )
-    strength: float = Field(
-        0.6,
-        gt=0.0,
-        le=1.0,
-        allow_inf_nan=False,
-        description="How far to move from the init image: noise level in (0, 1]; 1 ignores it.",
+
+
+class OpenAIImageRequest(BaseModel):
+    """Body of ``POST /v1/images/generations`` as OpenAI's SDK sends it (``client.images.generate``).
+
+    Fields OpenAI defines that mean nothing for this model (``quality``, ``style``, ``user``,
+    ``background``, ``moderation``, ...) are accepted and ignored; those that would change the answer
+    and cannot be honoured (``response_format: url``, a non-PNG ``output_format``, ``stream``) are a
+    400. Through the SDK's ``extra_body`` the generation fields of ``/v1/generate`` are accepted too.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    prompt: Prompt
+    model: str | None = Field(None, description="Ignored: the server serves the model it loaded.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT" in pixels, or "auto" (the model\'s size).')
+    response_format: Literal["b64_json"] | None = Field(
+        None, description="Only b64_json: this server stores no images to link to."
     )
+    output_format: Literal["png"] | None = None
+    stream: Literal[False] | None = None
+    # extra_body fields: the generation options of /v1/generate.
+    negative_prompt: NegativePrompt = ""
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    scheduler: SchedulerName | None = None
 
 
 def decode_image(encoded: str, max_pixels: int | None) -> Image.Image:

@@ -109,7 +109,7 @@ def test_load_refuses_folders_without_a_pipeline(tmp_path):
     ("kwargs", "match"),
     [
         ({"prompts": []}, "prompts"),
-        ({"prompts": [3]}, "prompts"),
+        ({"prompts": [3]}, "prompt"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"num_inference_steps": 2.5}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
@@ -148,9 +148,9 @@ def test_generate_batch_equals_each_request_alone(pipe):
     from ldm.pipeline import GenerationRequest, generate_batch
 
     requests = [
-        GenerationRequest("a red circle", seed=5, num_images=2, num_inference_steps=STEPS),
-        GenerationRequest("a blue square", negative_prompt="green", seed=9, num_inference_steps=STEPS),
-        GenerationRequest("a yellow star", seed=None, num_inference_steps=STEPS),
+        GenerationRequest(prompt="a red circle", seed=5, num_images=2, num_inference_steps=STEPS),
+        GenerationRequest(prompt="a blue square", negative_prompt="green", seed=9, num_inference_steps=STEPS),
+        GenerationRequest(prompt="a yellow star", seed=None, num_inference_steps=STEPS),
     ]
     results = generate_batch(pipe, requests)
     assert [len(r.images) for r in results] == [2, 1, 1]
@@ -172,11 +172,13 @@ def test_generate_batch_refuses_incompatible_requests(pipe):
     from ldm.pipeline import GenerationRequest, generate_batch
 
     with pytest.raises(ValueError, match="share"):
-        generate_batch(pipe, [GenerationRequest("x", num_inference_steps=2), GenerationRequest("x")])
+        generate_batch(
+            pipe, [GenerationRequest(prompt="x", num_inference_steps=2), GenerationRequest(prompt="x")]
+        )
     with pytest.raises(ValueError, match="empty"):
         generate_batch(pipe, [])
     with pytest.raises(ValueError, match="seed"):
-        generate_batch(pipe, [GenerationRequest("x", seed=-1)])
+        GenerationRequest(prompt="x", seed=-1)
 
 
 def test_img2img_is_seeded_and_strength_moves_away_from_the_init_image(pipe):
@@ -208,3 +210,69 @@ def test_check_pipeline_passes_a_good_model_and_fails_a_nan_one():
         next(iter(good.unet.parameters())).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="non-finite"):
         check_pipeline(good)
+
+
+def test_guidance_scale_and_negative_prompt_change_the_image(pipe):
+    # Issue 13: the two conditioning controls must reach the U-Net, not be silently dropped.
+    def image(**options) -> np.ndarray:
+        return pixels(generate(pipe, "a red circle", seed=2, num_inference_steps=STEPS, **options).images[0])
+
+    base = image(guidance_scale=4.0)
+    assert np.abs(base - image(guidance_scale=12.0)).mean() > 2
+    assert np.abs(base - image(guidance_scale=4.0, negative_prompt="a blue square")).mean() > 2
+    # guidance 1 disables classifier-free guidance: the negative prompt then has nothing to act on
+    plain = image(guidance_scale=1.0)
+    assert np.array_equal(plain, image(guidance_scale=1.0, negative_prompt="a blue square"))
+
+
+def test_one_request_type_for_every_entry_point(pipe):
+    from ldm.pipeline import GenerationRequest, ImageToImageRequest, generate_img2img
+
+    request = GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=STEPS, width=40, height=32)
+    by_request = generate(pipe, request)
+    by_options = generate(pipe, "a red circle", seed=3, num_inference_steps=STEPS, width=40, height=32)
+    assert by_request.images[0].size == (40, 32)
+    assert np.array_equal(pixels(by_request.images[0]), pixels(by_options.images[0]))
+    with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
+        generate(pipe, request.model_copy(update={"width": 36}))
+    with pytest.raises(ValueError, match="not both"):
+        generate(pipe, request, seed=1)
+    with pytest.raises(ValueError, match="extra"):
+        GenerationRequest(prompt="x", steps=3)
+    from PIL import Image
+
+    init = Image.new("RGB", (20, 20), "red")
+    edit = ImageToImageRequest(prompt="x", strength=0.5, num_inference_steps=4, seed=1, width=48, height=32)
+    assert generate_img2img(pipe, init, edit).images[0].size == (48, 32)
+
+
+def test_half_precision_is_refused_on_the_cpu(tmp_path):
+    from ldm.pipeline import check_device_dtype
+
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        check_device_dtype("cpu", "float16")
+    with pytest.raises(ValueError, match="dtype"):
+        check_device_dtype("cpu", "float8")  # type: ignore[arg-type]
+    check_device_dtype("cpu", "bfloat16")
+
+
+def test_bfloat16_loads_and_generates_on_the_cpu(pipe, tmp_path):
+    folder = save_pipeline(pipe, tmp_path / "bf16")
+    loaded = load_pipeline(str(folder), dtype="bfloat16")
+    assert loaded.pipe.unet.dtype == torch.bfloat16
+    image = generate(loaded.pipe, "a red circle", seed=0, num_inference_steps=1).images[0]
+    assert image.size == (32, 32)
+    assert loaded.pipe.unet.dtype == torch.bfloat16  # from_pipe did not upcast the shared modules
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_float16_generation_on_cuda_matches_float32(pipe, tmp_path):
+    folder = save_pipeline(pipe, tmp_path / "fp16")
+    half = load_pipeline(str(folder), device="cuda", dtype="float16")
+    full = load_pipeline(str(folder), device="cuda", dtype="float32")
+    assert half.pipe.unet.dtype == torch.float16
+    a = generate(half.pipe, "a red circle", seed=1, num_inference_steps=STEPS).images[0]
+    b = generate(full.pipe, "a red circle", seed=1, num_inference_steps=STEPS).images[0]
+    assert half.pipe.unet.dtype == torch.float16
+    assert np.isfinite(pixels(a)).all() and np.abs(pixels(a) - pixels(b)).mean() < 3

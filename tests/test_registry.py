@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -99,3 +101,149 @@ def test_bad_uris_raise(registered, tmp_path):
     assert parse_models_uri("models:/ldm/12") == ("ldm", "12", None)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         register_pipeline(tmp_path, workdir=registered["workdir"])
+
+
+# --- MLflow's own serving path: the registered pyfunc is self-contained ---------------------------------
+PREDICT = """
+import base64, io, json, sys
+import mlflow
+model = mlflow.pyfunc.load_model("models:/ldm@champion")
+rows = [{"prompt": "a blue square", "seed": 4, "num_inference_steps": 2}]
+out = model.predict(rows)
+import ldm
+print(json.dumps({"ldm": ldm.__file__, "images": out, "signature": str(model.metadata.signature.inputs)}))
+"""
+
+
+def _env(workdir) -> dict[str, str]:
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    # `mlflow models serve` starts uvicorn by name: the venv's bin/ must be on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.slow
+def test_pyfunc_loads_and_predicts_in_a_fresh_process_from_its_own_code(registered, tmp_path):
+    import base64
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    tracking.configure(registered["workdir"])
+    set_alias("ldm", "champion", "2")
+    done = subprocess.run(
+        [sys.executable, "-c", PREDICT],
+        env=_env(registered["workdir"]),
+        cwd=tmp_path,  # not the repository: the model's own copy of ldm must be what loads
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "/code/ldm/" in payload["ldm"], payload["ldm"]  # code_paths, not the installed project
+    assert "prompt" in payload["signature"] and "seed" in payload["signature"]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload["images"][0]))).convert("RGB"))
+    expected = image_of(registered["folders"]["2"])
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+
+
+def image_of(folder) -> np.ndarray:
+    return image(load_pipeline(str(folder)).pipe, seed=4)
+
+
+def test_registered_model_has_signature_input_example_and_pinned_requirements(registered):
+    from pathlib import Path
+
+    tracking.configure(registered["workdir"])
+    info = mlflow.models.get_model_info("models:/ldm/1")
+    assert info.signature is not None and "prompt" in str(info.signature.inputs)
+    assert info.saved_input_example_info is not None
+    local = Path(mlflow.artifacts.download_artifacts("models:/ldm/1"))
+    requirements = (local / "requirements.txt").read_text()
+    assert "diffusers==" in requirements and "torch==" in requirements
+    assert (local / "code" / "ldm" / "pipeline.py").is_file()
+    assert not list((local / "code").rglob("__pycache__"))
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
+    import base64
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import requests
+    from conftest import free_port
+
+    tracking.configure(registered["workdir"])
+    set_alias("ldm", "champion", "2")
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_cli, "models", "serve", "-m", "models:/ldm@champion", "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "-p", str(port), "-h", "127.0.0.1"],
+        env=_env(registered["workdir"]),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:] if server.stderr else ""
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not come up"
+            time.sleep(1)
+        body = {"inputs": [{"prompt": "a blue square", "seed": 4, "num_inference_steps": 2}]}
+        reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=300)
+        assert reply.status_code == 200, reply.text
+        (encoded,) = reply.json()["predictions"]
+        assert base64.b64decode(encoded)[:8] == b"\x89PNG\r\n\x1a\n"
+        bad = requests.post(
+            f"http://127.0.0.1:{port}/invocations", json={"inputs": [{"seed": 1}]}, timeout=60
+        )
+        assert 400 <= bad.status_code < 500, bad.text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LDM_TEST_MLFLOW_VIRTUALENV") != "1",
+    reason="builds a virtualenv from the model's requirements (~8 min, GBs): set LDM_TEST_MLFLOW_VIRTUALENV=1",
+)
+def test_mlflow_models_serve_from_the_models_own_requirements(registered, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tracking.configure(registered["workdir"])
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    rows = tmp_path / "input.json"
+    rows.write_text('{"inputs": [{"prompt": "a blue square", "seed": 4, "num_inference_steps": 2}]}')
+    done = subprocess.run(
+        [mlflow_cli, "models", "predict", "-m", "models:/ldm/2", "-i", str(rows), "-t", "json"]
+        + ["--env-manager", "virtualenv", "-o", str(tmp_path / "out.json")],
+        env=_env(registered["workdir"]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "predictions" in (tmp_path / "out.json").read_text()

@@ -208,6 +208,10 @@ def test_seed_left_out_is_picked_and_reported(server):
         ({"prompt": "x", "scheduler": "plms"}, "scheduler"),
         ({"prompt": "x", "scheduler": 1}, "scheduler"),
         ({"prompt": "x", "steps": 5}, "steps"),
+        ({"prompt": "x", "width": 36}, "width"),  # not a multiple of the model's factor (8)
+        ({"prompt": "x", "height": 4}, "height"),
+        ({"prompt": "x", "width": 4096}, "width"),
+        ({"prompt": "x", "height": "32"}, "height"),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(server, body, field):
@@ -265,8 +269,10 @@ def test_openapi_documents_the_api(server):
     schema = requests.get(f"{server['url']}/openapi.json", headers=AUTH, timeout=30).json()
     assert {"/v1/generate", "/v1/img2img", "/healthz"} <= set(schema["paths"])
     components = schema["components"]["schemas"]
-    fields = set(components["GenerateRequest"]["properties"])
+    fields = set(components["GenerationRequest"]["properties"])
     assert fields == {
+        "width",
+        "height",
         "prompt",
         "negative_prompt",
         "num_inference_steps",
@@ -275,9 +281,10 @@ def test_openapi_documents_the_api(server):
         "num_images",
         "scheduler",
     }
-    assert components["GenerateRequest"]["required"] == ["prompt"]
+    assert components["GenerationRequest"]["required"] == ["prompt"]
     assert {"init_image", "strength"} <= set(components["Img2ImgRequest"]["properties"])
-    assert "dpmpp" in str(components["GenerateRequest"]["properties"]["scheduler"])
+    assert "dpmpp" in str(components["GenerationRequest"]["properties"]["scheduler"])
+    assert "/v1/images/generations" in schema["paths"]
 
 
 def test_img2img_follows_the_local_pipeline_and_the_seed(server, local_pipe):
@@ -416,3 +423,77 @@ def test_hot_reload_refuses_a_broken_version(server):
     time.sleep(6)  # several polls (1 s) and a load: time enough to have swapped, had it been accepted
     assert _health_version(url) == before != bad_version
     assert post({"url": url}, {"prompt": "x", "seed": 1}).status_code == 200
+
+
+def test_width_and_height_set_the_image_size(server, local_pipe):
+    body = {"prompt": "a red circle", "seed": 6, "width": 48, "height": 32}
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    image = decode(response.json()["images"][0])
+    assert image.size == (48, 32)
+    local = generate(
+        local_pipe, "a red circle", seed=6, width=48, height=32, num_inference_steps=DEFAULT_STEPS
+    )
+    assert np.abs(pixels(image) - pixels(local.images[0])).max() <= 2
+
+
+def openai_client(server, api_key: str = API_KEY):
+    from openai import OpenAI
+
+    # max_retries=0: the SDK retries 5xx by itself, which would hide what the server answered.
+    return OpenAI(base_url=f"{server['url']}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def test_openai_sdk_images_generate(server, local_pipe):
+    client = openai_client(server)
+    result = client.images.generate(
+        model="ldm",
+        prompt="a small red circle in the top left",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"seed": 11},
+    )
+    assert isinstance(result.created, int) and len(result.data) == 2
+    images = [decode(item.b64_json) for item in result.data]
+    assert [(image.format, image.size) for image in images] == [("PNG", (32, 32))] * 2
+    expected = generate(
+        local_pipe, "a small red circle in the top left", seed=12, num_inference_steps=DEFAULT_STEPS
+    )
+    assert np.abs(pixels(images[1]) - pixels(expected.images[0])).max() <= 2
+    # size left out ("auto"), fields OpenAI defines but this model has no use for: ignored
+    plain = client.images.generate(prompt="a blue square", quality="high", user="someone")
+    assert decode(plain.data[0].b64_json).size == (32, 32)
+    wide = client.images.generate(prompt="a blue square", size="64x32")
+    assert decode(wide.data[0].b64_json).size == (64, 32)
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"response_format": "url"}, "response_format"),
+        ({"size": "30x30"}, "size"),  # not a multiple of 8
+        ({"size": "big"}, "size"),
+        ({"size": "4096x4096"}, "size"),
+        ({"n": 9}, "n"),
+        ({"prompt": ""}, "prompt"),
+        ({"extra_body": {"scheduler": "plms"}}, "scheduler"),
+    ],
+)
+def test_openai_sdk_errors_are_400_in_openais_shape(server, options, param):
+    import openai
+
+    arguments = {"prompt": "x", **options}
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client(server).images.generate(**arguments)
+    error = raised.value.response.json()["error"]
+    assert raised.value.status_code == 400
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+
+
+def test_openai_sdk_wrong_key_is_401(server):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError) as raised:
+        openai_client(server, api_key="wrong").images.generate(prompt="x")
+    assert raised.value.response.json()["error"]["code"] == "invalid_api_key"

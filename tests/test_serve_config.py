@@ -8,7 +8,15 @@ import pytest
 import yaml
 
 from ldm.config.serve import ServeConfig
-from serve.deploy_config import BUILDER_IMPORT_PATH, DEPLOY_CONFIG_PATH, cluster_config, render
+from serve.deploy_config import (
+    BUILDER_IMPORT_PATH,
+    DEPLOY_CONFIG_PATH,
+    MODEL_DEPLOYMENT,
+    app_args,
+    cluster_config,
+    gpu_cluster_config,
+    render,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +38,13 @@ def test_deploy_config_is_a_valid_serve_config_whose_args_build_the_app():
     schema = ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay check
     (app,) = schema.applications
     assert app.import_path == BUILDER_IMPORT_PATH == "serve.app:build_app"
-    assert ServeConfig.model_validate(app.args) == cluster_config()
+    assert app_args(ServeConfig.model_validate(app.args)) == app_args(cluster_config())
+    # Ray's options where Ray users look for them, not in the builder's args
+    (generator,) = app.deployments
+    assert generator.name == MODEL_DEPLOYMENT == "Generator"
+    assert generator.max_queued_requests == cluster_config().max_queued_requests
+    assert generator.autoscaling_config["max_replicas"] == cluster_config().max_replicas
+    assert "max_queued_requests" not in app.args and "replica_num_gpus" not in app.args
     # Ray's own path from YAML args to an application: the typed builder validates them as ServeConfig.
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     assert type(built).__name__ == "Application"
@@ -47,3 +61,12 @@ def test_serve_config_round_trip_and_checks():
         ServeConfig(max_batch_size=8, max_ongoing_requests=4)
     with pytest.raises(ValueError, match="min_replicas"):
         ServeConfig(min_replicas=3, max_replicas=2)
+
+
+def test_the_rayservice_config_requests_gpus_and_float16():
+    config = yaml.safe_load(render(gpu_cluster_config()))
+    (app,) = config["applications"]
+    assert app["args"]["dtype"] == "float16"
+    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 1.0
+    with pytest.raises(ValueError, match="float16 needs GPU"):
+        ServeConfig(dtype="float16")

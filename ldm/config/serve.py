@@ -1,7 +1,9 @@
 """Config of `ldm serve`: which model, where to listen, how to batch, scale, queue and reload.
 
-It is also the typed argument of the Serve application builder (`serve.app.build_app`), so the
-``args:`` of ``infra/serve/serve-config.yaml`` are exactly these fields.
+It is also the typed argument of the Serve application builder (`serve.app.build_app`). In
+``infra/serve/serve-config.yaml`` the application settings are its ``args:``, while replicas,
+autoscaling, queueing, health checks and actor resources sit in the file's ``deployments:`` section,
+where Ray users override them (Ray applies those over what the builder sets from these fields).
 
 The API key is deliberately not here: configs are dumped and logged, a secret must not be. The server
 reads it from ``LDM_API_KEY``.
@@ -14,12 +16,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ldm.config.base import ConfigBase
+from ldm.request import MAX_GUIDANCE, MAX_STEPS, SchedulerName
 
 
 class ServeConfig(ConfigBase):
     workdir: str = "./ldm-demo"
     model: str = "models:/ldm@champion"  # local folder, s3:// folder, models:/NAME@ALIAS, runs:/...
-    device: str = "cpu"
+    # Weights' dtype in the model replicas. The device follows the replica's resources: a replica with
+    # GPUs (replica_num_gpus > 0, or ray_actor_options.num_gpus in the serve config file) runs on
+    # CUDA, otherwise on the CPU. float16 needs a GPU (an error otherwise, never a silent fallback);
+    # bfloat16 runs on both (slowly on the CPU).
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     # HTTP (Ray Serve's proxy). port 0 picks a free port (the base URL is returned and printed).
     host: str = "127.0.0.1"
@@ -65,9 +72,9 @@ class ServeConfig(ConfigBase):
     reload_interval_s: float = Field(30.0, ge=0)
 
     # Defaults for request fields the client leaves out.
-    num_inference_steps: int = Field(25, ge=1, le=200)
-    guidance_scale: float = Field(4.0, ge=0.0, le=30.0)
-    scheduler: Literal["ddim", "dpmpp", "euler"] = "dpmpp"
+    num_inference_steps: int = Field(25, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(4.0, ge=0.0, le=MAX_GUIDANCE)
+    scheduler: SchedulerName = "dpmpp"
 
     # Ray: None joins RAY_ADDRESS if set, else starts a private local Ray with num_cpus.
     ray_address: str | None = None
@@ -79,6 +86,8 @@ class ServeConfig(ConfigBase):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if self.dtype == "float16" and self.replica_num_gpus == 0:
+            raise ValueError("dtype float16 needs GPU replicas (replica_num_gpus > 0); on CPU use float32")
         if self.max_batch_size > self.max_ongoing_requests:
             # A replica never holds more than max_ongoing_requests, so a larger batch never fills.
             raise ValueError(
