@@ -22,6 +22,8 @@ COL_TEXT_EMBEDDING = "text_embedding"  # arrow.fixed_shape_tensor<float16>[L, D]
 COL_WIDTH = "width"  # int32, original image width (before any resize)
 COL_HEIGHT = "height"  # int32, original image height
 COL_SHA256 = "sha256"  # string, hash of the downloaded image bytes
+COL_SPLIT = "split"  # string: SPLIT_HOLDOUT for ingest's hold-out rows, which training never reads
+SPLIT_HOLDOUT = "holdout"
 
 LATENT_DTYPE = "float16"
 TEXT_EMBEDDING_DTYPE = "float16"

@@ -81,7 +81,7 @@ def _label_grid(images: list, prompts: list[str], per_row: int):
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ldm import tracking
-    from ldm.evaluate import run_eval
+    from pipelines.eval import run_eval
     from ldm.first_stage.bootstrap import run_bootstrap
     from ldm.registry import set_alias
     from ldm.runtime import ensure_ray

@@ -54,7 +54,7 @@ def test_notebooks_run_on_a_tiny_work_directory(ray_local, tmp_path, monkeypatch
     from ingest_fixtures import write_tiny_models
 
     from ldm.config.serve import ServeConfig
-    from ldm.evaluate import run_eval
+    from pipelines.eval import run_eval
     from ldm.synth.server import ImageServer
     from ldm.synth.source import write_pairs
     from pipelines.ingest import run_ingest
