@@ -151,6 +151,7 @@ def _score_synthetic(cfg: EvalConfig, loaded: LoadedModel, data: str | None) -> 
     def numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in report.items() if isinstance(v, int | float)}
 
+    pipe: Any = loaded.pipe  # a diffusers StableDiffusionPipeline
     prompts = heldout_prompts(cfg.num_prompts, cfg.prompt_seed)
     expanded = [p for p in prompts for _ in range(cfg.images_per_prompt)]
     images = generate_all(loaded.pipe, prompts, cfg, "held-out")
@@ -168,7 +169,7 @@ def _score_synthetic(cfg: EvalConfig, loaded: LoadedModel, data: str | None) -> 
         scores |= numbers(
             score([p for p in seen for _ in range(cfg.images_per_prompt)], seen_images), "seen."
         )
-    ceiling = autoencoder_ceiling(loaded.pipe.vae, prompts, cfg.seed, output_size(loaded.pipe))
+    ceiling = autoencoder_ceiling(pipe.vae, prompts, cfg.seed, output_size(loaded.pipe))
     per_image = [{"prompt": p["prompt"], "passed": bool(p["passed"])} for p in report["per_prompt"]]
     return EvalResult(
         "geneval", loaded, scores, numbers(ceiling, "ceiling."), expanded, images, per_image, data, notes
@@ -183,6 +184,7 @@ def _score_any(cfg: EvalConfig, loaded: LoadedModel, data: str | None) -> EvalRe
     from ldm.first_stage.clip import load_clip
     from pipelines.eval_data import read_holdout, read_prompt_file
 
+    pipe: Any = loaded.pipe  # a diffusers StableDiffusionPipeline
     if data is None and not cfg.prompts:
         raise DataError("no hold-out data to evaluate on: set data=FOLDER or prompts=FILE")
     rows = read_holdout(data, max(cfg.num_reference, cfg.num_prompts)) if data else None
@@ -201,7 +203,7 @@ def _score_any(cfg: EvalConfig, loaded: LoadedModel, data: str | None) -> EvalRe
     notes = []
     if rows is not None:
         try:
-            real = decode_latents(loaded.pipe.vae, torch.from_numpy(rows.latents))
+            real = decode_latents(pipe.vae, torch.from_numpy(rows.latents))
         except ValueError as error:
             raise DataError(
                 f"{data}: hold-out latents do not fit this model's autoencoder: {error}"
