@@ -21,7 +21,7 @@ all to ``--out``:
 3. ``clips`` and ``autoencoders``: the bootstrap's CLIP and autoencoder trained for longer (and wider
    or with finer patches) on its own training renders, with what each CLIP tells apart (AUC against a
    random other caption, a caption one attribute away, the same caption with another shape) and each
-   autoencoder's PSNR and ceiling (``ldm.evaluate.autoencoder_ceiling``). No files but JSON.
+   autoencoder's PSNR and ceiling (``ldm.evaluation.synthetic.autoencoder_ceiling``). No files but JSON.
 
 Why a single process rather than ``ldm train``: the device this was written for cannot install
 Ray (no network, and Ray's 79 MB wheel is over the 64 MiB that may be carried there). So it runs the
@@ -289,11 +289,11 @@ def export(args) -> None:
 def autoencoders(args) -> None:
     """Train the bootstrap's autoencoder for longer, and a wider one, with ``train_autoencoder`` on
     the bootstrap's own training renders, and measure each one's ceiling: what the evaluation scores
-    true renders of its held-out prompts after a round trip (``ldm.evaluate.autoencoder_ceiling``),
+    true renders of its held-out prompts after a round trip (``ldm.evaluation.synthetic.autoencoder_ceiling``),
     the best any U-Net could score through it."""
     from ldm.config.bootstrap import AutoencoderConfig
     from ldm.config.eval import EvalConfig
-    from ldm.evaluate import autoencoder_ceiling
+    from ldm.evaluation.synthetic import autoencoder_ceiling
     from ldm.first_stage import autoencoder as ae
     from ldm.synth.grammar import heldout_prompts
     from ldm.synth.render import render_batch

@@ -180,20 +180,20 @@ def eval_(
     ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Prompt-adherence evaluation (GenEval-style, checked by code); logs to MLflow; last line is JSON."""
+    """Evaluate a model (synthetic: held-out and seen prompts by category; any data: clip_score, cmmd).
+
+    Logs to MLflow; progress goes to stderr; the last line of stdout is JSON."""
     from ldm.config.eval import EvalConfig
 
     def job() -> None:
-        from ldm.evaluate import run_eval
+        from pipelines.eval import run_eval
 
         cfg = _load(EvalConfig, config, set_, workdir=workdir, model=model)
         _save_config(cfg, "eval")
         report = run_eval(cfg)
-        for category, value in report["scores"].items():
-            typer.echo(
-                f"{category:>14}: {value:.3f}   (autoencoder ceiling {report['ceiling'][category]:.3f})"
-            )
-        typer.echo(json.dumps({**report["scores"], "autoencoder_ceiling": report["ceiling"]["overall"]}))
+        for line in report["summary"]:
+            typer.echo(line)
+        typer.echo(json.dumps(report["final"]))
 
     _run(job)
 
@@ -453,7 +453,7 @@ def retrain(
         typer.Option("--root", help="Where cycles keep data and records. [default: WORKDIR/retrain]"),
     ] = None,
     floor: Annotated[
-        float | None, typer.Option("--floor", min=0.0, max=1.0, help="Lowest overall score to promote.")
+        float | None, typer.Option("--floor", help="Worst gate.metric value to promote (eval.gate.floor).")
     ] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -461,13 +461,23 @@ def retrain(
     from ldm.config.retrain import RetrainConfig
 
     def job() -> None:
-        from pipelines.retrain import run_retrain
+        from pipelines.retrain import STATUS_LOCKED, run_retrain
 
         cfg = _load(
-            RetrainConfig, config, set_, workdir=workdir, source=source, root=root, **{"eval.floor": floor}
+            RetrainConfig,
+            config,
+            set_,
+            workdir=workdir,
+            source=source,
+            root=root,
+            **{"eval.gate.floor": floor},
         )
         _save_config(cfg, "retrain")
-        typer.echo(json.dumps(run_retrain(cfg), indent=2, default=str))
+        record = run_retrain(cfg)
+        if record["status"] == STATUS_LOCKED:  # another cycle runs: one line, exit 0
+            typer.echo(f"[retrain] {record['reason']}")
+            return
+        typer.echo(json.dumps(record, indent=2, default=str))
 
     _run(job)
 

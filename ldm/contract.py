@@ -29,6 +29,8 @@ COL_TEXT_EMBEDDING = "text_embedding"  # arrow.fixed_shape_tensor<float16>[L, D]
 COL_WIDTH = "width"  # int32, original image width (before any resize)
 COL_HEIGHT = "height"  # int32, original image height
 COL_SHA256 = "sha256"  # string, hash of the downloaded image bytes
+COL_SPLIT = "split"  # string: SPLIT_HOLDOUT for ingest's hold-out rows, which training never reads
+SPLIT_HOLDOUT = "holdout"
 
 # int32 [L]: the caption's token ids (the text encoder's tokenizer, padded to its model_max_length),
 # beside or instead of the text embedding (`store_text_embeddings: false`): at SD size an embedding

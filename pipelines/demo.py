@@ -81,12 +81,12 @@ def _label_grid(images: list, prompts: list[str], per_row: int):
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ldm import tracking
-    from ldm.evaluate import run_eval
     from ldm.first_stage.bootstrap import run_bootstrap
     from ldm.registry import set_alias
     from ldm.runtime import ensure_ray
     from ldm.synth.server import ImageServer
     from ldm.synth.source import render_source, write_pairs
+    from pipelines.eval import run_eval
     from pipelines.ingest import run_ingest
     from pipelines.train import run_train
     from serve.app import run_serve, shutdown_serve

@@ -9,12 +9,17 @@ The recipe (`run_retrain`):
 3. gather every ingested shard's latents into one training folder, named by the digest of its parts,
    and stop here ("nothing to do") when the last finished cycle already trained on exactly that data;
 4. fine-tune from the current ``champion`` (or train from scratch when there is none);
-5. evaluate the candidate with `ldm eval` and its gate: ``champion`` moves only when the candidate
-   scores at least the champion and at least ``eval.floor``; a serving deployment that follows the
-   ``champion`` alias picks the new version up by itself;
-6. record the cycle: an MLflow parent run in experiment ``retrain`` whose children are the ingest,
-   train and eval runs (tag ``mlflow.parentRunId``), with the decision and its reason as tags, and a
-   ``root/cycles/<cycle-id>.json`` record that the next cycle compares against.
+5. evaluate the candidate with `ldm eval` (on the union's hold-out rows) and its gate: ``champion``
+   moves only when the candidate is at least as good as the champion and as ``eval.gate.floor`` on
+   ``eval.gate.metric`` (any reported key); a serving deployment that follows the ``champion`` alias
+   picks the new version up by itself;
+6. record the cycle (`pipelines.retrain_record`): an MLflow parent run in experiment ``retrain``
+   whose children are the ingest, train and eval runs (tag ``mlflow.parentRunId``), with the decision
+   and its reason as tags, and a ``root/cycles/<cycle-id>.json`` record that the next cycle compares
+   against.
+
+The whole cycle runs under a lock (`pipelines.retrain_lock`): a second cycle of the same model that
+starts while one runs says so in one line and returns (status ``locked``) without touching anything.
 
 A cycle that fails half-way leaves its finished ingest outputs behind; the next cycle reuses them and
 trains, because its data differs from the last *finished* cycle's.
@@ -23,8 +28,8 @@ trains, because its data differs from the last *finished* cycle's.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -36,14 +41,16 @@ from ldm import storage, tracking
 from ldm.config.retrain import RetrainConfig
 from ldm.contract import LATENTS_DIR, MANIFEST_FILE, Manifest, ManifestPart, read_manifest, write_manifest
 from ldm.errors import DataError
+from pipelines.retrain_lock import CycleLock
+from pipelines.retrain_record import CycleRun, last_cycle, write_record
 
 DATA_DIR = "data"
 TRAIN_DIR = "train"
-CYCLES_DIR = "cycles"
 
 STATUS_NO_NEW_DATA = "no_new_data"
 STATUS_PROMOTED = "promoted"
 STATUS_REFUSED = "refused"
+STATUS_LOCKED = "locked"
 
 # Manifest fields that must agree across shards trained together: latents made by other first-stage
 # models (or at another size) cannot be mixed in one dataset.
@@ -206,91 +213,7 @@ def build_union(parts: list[dict[str, Any]], root_uri: str) -> Manifest:
     return manifest
 
 
-# --- 6. cycle records ---------------------------------------------------------------------------------
-def last_cycle(root_uri: str) -> dict[str, Any] | None:
-    """The most recently finished cycle's record, or None before the first one."""
-    fs, path = storage.filesystem(storage.join(root_uri, CYCLES_DIR))
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    records = [
-        json.loads(storage.read_bytes(storage.join(root_uri, CYCLES_DIR, Path(info.path).name)))
-        for info in infos
-        if info.type == pafs.FileType.File and info.path.endswith(".json")
-    ]
-    return max(records, key=lambda record: record["finished"], default=None)
-
-
-class CycleRun:
-    """The cycle's MLflow parent run, made with the client API (never the active run).
-
-    The jobs start their own runs with ``mlflow.start_run``, which refuses to start while another run
-    is active; so the parent stays inactive and each child is attached afterwards by the tag MLflow
-    itself uses for nesting, ``mlflow.parentRunId``.
-    """
-
-    def __init__(self, cfg: RetrainConfig, cycle_id: str):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient()
-        self.experiment_id = tracking.experiment(cfg.experiment, cfg.workdir)
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"retrain-{cycle_id}", tags={"ldm.job": "retrain"}
-        )
-        self.run_id = run.info.run_id
-        self.cycle_id = cycle_id
-        self.children: dict[str, str] = {}
-        params = {
-            "source": cfg.source_uri,
-            "root": cfg.root_uri,
-            "model_name": cfg.model_name,
-            "fine_tune": cfg.fine_tune,
-            "eval.floor": cfg.eval.floor,
-        }
-        for key, value in params.items():
-            self.client.log_param(self.run_id, key, str(value))
-        self.client.log_text(self.run_id, cfg.to_yaml(), "config/retrain.yaml")
-
-    def adopt(self, role: str, run_id: str | None) -> None:
-        """Make ``run_id`` a child of this cycle, remembered under ``role`` (e.g. "train")."""
-        if run_id is None:
-            return
-        self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
-        self.client.set_tag(run_id, "ldm.retrain.cycle", self.cycle_id)
-        self.children[role] = run_id
-        self.client.set_tag(self.run_id, f"child.{role}", run_id)
-
-    def finish(self, record: dict[str, Any], status: str = "FINISHED") -> None:
-        tags = {"retrain.status": record["status"], "retrain.reason": record["reason"]}
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
-        for key in ("new_shards", "rows_accepted"):
-            if key in record:
-                value = record[key]
-                self.client.log_metric(
-                    self.run_id, key, float(len(value) if isinstance(value, list) else value)
-                )
-        for key, value in record.get("scores", {}).items():
-            self.client.log_metric(self.run_id, f"geneval.{key}", float(value))
-        self.client.log_dict(self.run_id, record, "cycle.json")
-        self.client.set_tag(self.run_id, "mlflow.note.content", self._note(record))
-        self.client.set_terminated(self.run_id, status=status)
-
-    def _note(self, record: dict[str, Any]) -> str:
-        """The run's description in the MLflow UI: the decision, with links to the child runs."""
-        from mlflow import MlflowClient
-
-        lines = [f"**{record['status']}**: {record['reason']}", ""]
-        for role, run_id in self.children.items():
-            experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-            lines.append(f"- {role}: [{run_id}](#/experiments/{experiment_id}/runs/{run_id})")
-        return "\n".join(lines)
-
-
 # --- the cycle ----------------------------------------------------------------------------------------
-def _write_record(root_uri: str, record: dict[str, Any]) -> None:
-    uri = storage.join(root_uri, CYCLES_DIR, f"{record['cycle_id']}.json")
-    storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode())
-
-
 def _ingest_shard(cfg: RetrainConfig, shard: str) -> tuple[Manifest, str]:
     """Ingest one source shard into ``root/data/<shard-id>``; returns (manifest, MLflow run id)."""
     from pipelines.ingest import log_to_mlflow, run_ingest
@@ -314,28 +237,31 @@ def _train_config(cfg: RetrainConfig, data_uri: str, champion: str | None, cycle
     return cfg.train.model_copy(update=update)
 
 
-def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
-    """Run one cycle; returns its record (``status``: no_new_data | promoted | refused, ``reason``...)."""
-    from ldm.evaluate import run_eval
-    from ldm.registry import get_alias_version
-    from pipelines.train import run_train
-
-    cfg = cfg.with_workdir()
-    tracking.configure(cfg.workdir)
-    cycle_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    new_shards = find_new_shards(cfg)
+def _nothing_to_do(cfg: RetrainConfig, new_shards: list[str]) -> str | None:
+    """Why this cycle has nothing to do (no new shard, all data already trained on), or None."""
     previous = last_cycle(cfg.root_uri)
     known = list(ingested(cfg.root_uri).values())
-    if not new_shards and (
-        not known or (previous is not None and previous["dataset_digest"] == union_digest(known))
-    ):
-        reason = (
-            f"no new shards under {cfg.source_uri} and no data left untrained"
-            + (f" since cycle {previous['cycle_id']}" if previous else "")
-            + ": nothing to do"
-        )
-        _say(reason)
-        return {"cycle_id": None, "status": STATUS_NO_NEW_DATA, "reason": reason, "new_shards": []}
+    if new_shards or (known and (previous is None or previous["dataset_digest"] != union_digest(known))):
+        return None
+    since = f" since cycle {previous['cycle_id']}" if previous else ""
+    return f"no new shards under {cfg.source_uri} and no data left untrained{since}: nothing to do"
+
+
+def _evaluate(cfg: RetrainConfig, version: str, data_uri: str) -> dict[str, Any]:
+    """`ldm eval` of the candidate with the gate, on the union's hold-out rows unless told otherwise."""
+    from pipelines.eval import run_eval
+
+    gate = cfg.eval.gate
+    floor = "no floor" if gate.floor is None else f"floor {gate.floor}"
+    _say(f"evaluate version {version} with the gate ({gate.metric or 'default metric'}, {floor})")
+    update = {"model": f"models:/{cfg.model_name}/{version}", "data": cfg.eval.data or data_uri}
+    return run_eval(cfg.eval.model_copy(update=update))
+
+
+def _cycle(cfg: RetrainConfig, cycle_id: str, new_shards: list[str]) -> dict[str, Any]:
+    """Steps 2-6 of the recipe (module docstring) for ``new_shards``; returns the cycle's record."""
+    from ldm.registry import get_alias_version
+    from pipelines.train import run_train
 
     _say(f"cycle {cycle_id}: {len(new_shards)} new shard(s) under {cfg.source_uri}")
     run = CycleRun(cfg, cycle_id)
@@ -363,8 +289,7 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
             raise RuntimeError("training registered no model version (was MLflow reachable?)")
         version = str(trained["model_version"])
 
-        _say(f"evaluate version {version} with the gate (floor {cfg.eval.floor})")
-        report = run_eval(cfg.eval.model_copy(update={"model": f"models:/{cfg.model_name}/{version}"}))
+        report = _evaluate(cfg, version, union.output)
         run.adopt("eval", report["run_id"])
         record |= {
             "status": STATUS_PROMOTED if report["promoted"] else STATUS_REFUSED,
@@ -373,6 +298,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
             "previous_champion": champion,
             "candidate": version,
             "champion": get_alias_version(cfg.model_name, tracking.ALIAS_CHAMPION),
+            "kind": report["kind"],
+            "gate_metric": report.get("metric"),
             "scores": report["scores"],
             "children": dict(run.children),
             "finished": time.time(),
@@ -381,6 +308,27 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
         run.finish({"status": "failed", "reason": f"{type(error).__name__}: {error}"}, status="FAILED")
         raise
     run.finish(record)
-    _write_record(cfg.root_uri, record)
+    write_record(cfg.root_uri, record)
     _say(f"{record['status']}: {record['reason']} (champion: version {record['champion']})")
     return record
+
+
+def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
+    """Run one cycle under the lock; returns its record (``status``: no_new_data | promoted | refused |
+    locked, ``reason``...). A locked cycle prints nothing: its caller says the one line."""
+    cfg = cfg.with_workdir()
+    tracking.configure(cfg.workdir)
+    cycle_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    lock = CycleLock(cfg.model_name, cfg.lock_ttl_s, owner=f"{socket.gethostname()}:{os.getpid()}:{cycle_id}")
+    busy = lock.acquire()
+    if busy is not None:
+        return {"cycle_id": None, "status": STATUS_LOCKED, "reason": busy, "new_shards": []}
+    try:
+        new_shards = find_new_shards(cfg)
+        reason = _nothing_to_do(cfg, new_shards)
+        if reason is not None:
+            _say(reason)
+            return {"cycle_id": None, "status": STATUS_NO_NEW_DATA, "reason": reason, "new_shards": []}
+        return _cycle(cfg, cycle_id, new_shards)
+    finally:
+        lock.release()

@@ -15,6 +15,7 @@ from ldm.synth import (
     Scene,
     SceneObject,
     heldout_prompts,
+    is_heldout,
     parse_caption,
     render_scene,
     sample_scene,
@@ -161,3 +162,84 @@ def test_noise_images_score_zero():
     assert max(len(detect_objects(image)) for image in images) > CLUTTER_LIMIT  # the detector does fire
     report = score(prompts, images)
     assert report["overall"] == 0.0, [p for p in report["per_prompt"] if p["passed"]]
+
+
+# --- CMMD and the seen prompts --------------------------------------------------------------------
+def _embeddings(rng, n: int, shift: float = 0.0, dim: int = 16) -> np.ndarray:
+    """Unit vectors around a fixed direction, moved by ``shift`` along another axis (CLIP-like)."""
+    points = rng.normal(0, 0.3, (n, dim))
+    points[:, 0] += 1.0
+    points[:, 1] += shift
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def test_cmmd_matches_the_definition_on_a_small_example():
+    from ldm.evaluation.clip_metrics import CMMD_SCALE, CMMD_SIGMA, cmmd
+
+    rng = np.random.default_rng(0)
+    x, y = _embeddings(rng, 5), _embeddings(rng, 4, shift=0.5)
+
+    def k(a, b):
+        return np.exp(-np.sum((a - b) ** 2) / (2 * CMMD_SIGMA**2))
+
+    xx = np.mean([k(x[i], x[j]) for i in range(5) for j in range(5) if i != j])
+    yy = np.mean([k(y[i], y[j]) for i in range(4) for j in range(4) if i != j])
+    xy = np.mean([k(a, b) for a in x for b in y])
+    assert cmmd(x, y) == pytest.approx(CMMD_SCALE * (xx + yy - 2 * xy), rel=1e-9)
+    assert cmmd(x, y) == pytest.approx(cmmd(y, x), rel=1e-12)
+    with pytest.raises(ValueError):
+        cmmd(x[:1], y)
+    with pytest.raises(ValueError):
+        cmmd(x, y[:, :3])
+
+
+def test_cmmd_is_zero_in_expectation_for_one_distribution_and_grows_with_a_shift():
+    from ldm.evaluation.clip_metrics import cmmd
+
+    rng = np.random.default_rng(1)
+    same = [cmmd(_embeddings(rng, 64), _embeddings(rng, 64)) for _ in range(30)]
+    mean, stderr = float(np.mean(same)), float(np.std(same) / np.sqrt(len(same)))
+    assert abs(mean) < 3 * stderr + 1e-12  # unbiased: centred on 0 (the biased form sits above it)
+    assert min(same) < 0 < max(same)
+    shifted = [
+        np.mean([cmmd(_embeddings(rng, 64), _embeddings(rng, 64, s)) for _ in range(5)])
+        for s in (0.1, 0.3, 0.6, 1.0)
+    ]
+    assert all(a < b for a, b in zip(shifted, shifted[1:], strict=False)), shifted
+    assert shifted[0] > mean + 5 * stderr
+
+
+def test_reference_metrics_compare_two_halves_of_the_holdout_set():
+    import torch
+
+    from ldm.evaluation.clip_metrics import clip_score, cmmd, reference_metrics
+
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(_embeddings(rng, 20))
+    texts = torch.from_numpy(_embeddings(rng, 20, shift=0.2))
+    reference = reference_metrics(images, texts)
+    assert reference["cmmd"] == pytest.approx(cmmd(images[0::2], images[1::2]))
+    assert reference["clip_score"] == pytest.approx(float((images * texts).sum(-1).mean()))
+    assert clip_score(images, images) == pytest.approx(1.0)
+
+
+def test_seen_prompts_come_from_the_given_captions_balanced_and_never_held_out():
+    from ldm.evaluation.synthetic import grammar_seen_captions, seen_prompts
+    from ldm.synth.grammar import all_captions
+
+    held = heldout_prompts(12, seed=0)
+    rng = np.random.default_rng(3)
+    trained = [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]).caption for i in range(120)]
+    captions = [*trained, *held, "a photo of a dog"]  # held-out and foreign captions are skipped
+    prompts = seen_prompts(captions, 24, seed=5)
+    assert len(prompts) == 24 and set(prompts) <= set(trained)
+    assert not any(is_heldout(p) for p in prompts)
+    counts = {c: sum(parse_caption(p).category == c for p in prompts) for c in CATEGORIES}
+    assert counts == dict.fromkeys(CATEGORIES, 4), counts
+    assert prompts == seen_prompts(reversed(captions), 24, seed=5)  # deterministic, order-free
+    everything = grammar_seen_captions()
+    grammar = [c for captions in all_captions().values() for c in captions]
+    assert not any(is_heldout(c) for c in everything)
+    assert len(everything) == len(grammar) - sum(is_heldout(c) for c in grammar) > 0
+    with pytest.raises(ValueError):
+        seen_prompts(["a photo of a dog"], 4)

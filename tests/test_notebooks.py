@@ -54,9 +54,9 @@ def test_notebooks_run_on_a_tiny_work_directory(ray_local, tmp_path, monkeypatch
     from ingest_fixtures import write_tiny_models
 
     from ldm.config.serve import ServeConfig
-    from ldm.evaluate import run_eval
     from ldm.synth.server import ImageServer
     from ldm.synth.source import write_pairs
+    from pipelines.eval import run_eval
     from pipelines.ingest import run_ingest
     from pipelines.train import run_train
     from serve.app import run_serve, shutdown_serve

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from ops_fixtures import land_shard, render_shard, tiny_eval, tiny_ingest, tiny_train
 
-from ldm.config.eval import EvalConfig
+from ldm.config.eval import EvalConfig, GateConfig
 from ldm.config.retrain import RetrainConfig
 from ldm.config.train import TrainConfig
 from ldm.contract import LATENTS_DIR, MANIFEST_FILE, WorkDir
@@ -84,13 +84,88 @@ def test_union_links_every_shard_and_refuses_mixed_encoders(tmp_path):
 
 
 def test_config_round_trip_and_workdir_propagation(tmp_path):
-    cfg = RetrainConfig(workdir=str(tmp_path), model_name="m", eval=EvalConfig(floor=0.3))
+    cfg = RetrainConfig(workdir=str(tmp_path), model_name="m", eval=EvalConfig(gate=GateConfig(floor=0.3)))
     again = RetrainConfig.model_validate(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     sub = cfg.with_workdir()
     assert {sub.ingest.workdir, sub.train.workdir, sub.eval.workdir} == {str(tmp_path)}
-    assert sub.eval.promote and sub.eval.floor == 0.3 and sub.train.model_name == sub.eval.model_name == "m"
+    assert (
+        sub.eval.promote and sub.eval.gate.floor == 0.3 and sub.train.model_name == sub.eval.model_name == "m"
+    )
     assert cfg.root_uri.endswith("retrain") and cfg.source_uri.endswith("source")
+
+
+# --- the lock: one cycle at a time ------------------------------------------------------------------
+def test_the_lock_admits_one_holder_and_says_who_holds_it(tmp_path):
+    import threading
+
+    from ldm import tracking
+    from pipelines.retrain_lock import TAG_EXPIRES, CycleLock
+
+    tracking.configure(tmp_path)
+    first, second = CycleLock("m", ttl_s=600, owner="first"), CycleLock("m", ttl_s=600, owner="second")
+    assert first.acquire() is None
+    busy = second.acquire()
+    assert busy is not None and "owner first" in busy and "m.retrain-lock" in busy
+    second.release()  # not the holder: releases nothing
+    assert CycleLock("m", ttl_s=600, owner="third").acquire() is not None
+    first.release()
+    assert second.acquire() is None  # free again
+    second.release()
+
+    # A holder that died: once its lock expired, the next cycle takes it over.
+    from mlflow import MlflowClient
+
+    dead = CycleLock("m", ttl_s=600, owner="dead")
+    assert dead.acquire() is None
+    MlflowClient().set_registered_model_tag("m.retrain-lock", TAG_EXPIRES, "1")
+    heir = CycleLock("m", ttl_s=600, owner="heir")
+    assert heir.acquire() is None
+    assert "owner heir" in (CycleLock("m", ttl_s=600, owner="x").acquire() or "")
+    heir.release()
+
+    # Eight cycles racing for a free lock: exactly one wins (the registry's unique name).
+    locks = [CycleLock("race", ttl_s=600, owner=f"racer-{i}") for i in range(8)]
+    outcomes: list[str | None] = [None] * len(locks)
+    barrier = threading.Barrier(len(locks))
+
+    def take(i: int) -> None:
+        barrier.wait()
+        outcomes[i] = locks[i].acquire() or "won"
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(locks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("won") == 1, outcomes
+
+
+def test_ldm_retrain_while_another_cycle_runs_says_so_in_one_line_and_exits_0(tmp_path):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from ldm import tracking
+    from ldm.cli import app
+    from pipelines.retrain_lock import CycleLock
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "batch-0.parquet").write_text("not even parquet: a locked cycle must not read it")
+    tracking.configure(tmp_path)
+    holder = CycleLock("ldm", ttl_s=600, owner="nightly-cycle-1")
+    assert holder.acquire() is None
+    try:
+        result = CliRunner().invoke(app, ["retrain", "--workdir", str(tmp_path), "--source", str(source)])
+    finally:
+        holder.release()
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[retrain] another retraining cycle holds the lock")
+    assert "nightly-cycle-1" in lines[0]
+    tracking.configure(tmp_path)
+    assert mlflow.get_experiment_by_name("retrain") is None  # no cycle run was started
+    assert not (tmp_path / "retrain").exists()
 
 
 # --- two real cycles -------------------------------------------------------------------------------
@@ -119,7 +194,7 @@ def _config(work: WorkDir, floor: float = 0.0) -> RetrainConfig:
         workdir=str(work.root),
         ingest=tiny_ingest(work.root),
         train=tiny_train(work.root, sample_every=100),
-        eval=tiny_eval(work.root, floor=floor),
+        eval=tiny_eval(work.root, gate=GateConfig(floor=floor)),
     )
 
 

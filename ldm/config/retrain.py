@@ -11,7 +11,9 @@ as immutable: a new batch of data is a new file. Everything the cycle writes goe
 - ``root/cycles/<cycle-id>.json``: the record of a finished cycle (what it trained on, the decision).
 
 The job sections (``ingest``, ``train``, ``eval``) are the configs of those jobs; the cycle fills in
-their inputs and outputs and always applies the promotion gate (``eval.floor`` is the floor).
+their inputs and outputs and always applies the promotion gate (``eval.gate``: metric, direction,
+floor). ``lock_ttl_s``: how long a cycle's lock holds before another cycle may take it over (a cycle
+that died keeps it until then); keep it well above the longest cycle.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class RetrainConfig(ConfigBase):
     fine_tune: bool = True
     shard_suffixes: tuple[str, ...] = SHARD_SUFFIXES
     max_new_shards: int | None = Field(None, ge=1)  # cap per cycle (oldest first); None: all of them
+    lock_ttl_s: float = Field(6 * 3600.0, gt=0)
     ingest: IngestConfig = IngestConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

@@ -154,14 +154,15 @@ def _describe(
     ys, xs = np.nonzero(mask)
     cy, cx = float(ys.mean()), float(xs.mean())
 
+    height, width = mask.shape  # a 2-D crop
     best = ("circle", 0.0, -1.0)  # shape, radius, iou
     for blur in TEMPLATE_BLURS:
         for shape in SHAPES:
             radius = float(np.sqrt(area / _UNIT_AREA[shape]))
-            template = _template(shape, radius, cx, cy, *mask.shape, blur / scale)
+            template = _template(shape, radius, cx, cy, height, width, blur / scale)
             # blur eats thin parts (star arms): rescale once so the template's area matches
             radius *= float(np.sqrt(area / max(template.sum(), 1)))
-            template = _template(shape, radius, cx, cy, *mask.shape, blur / scale)
+            template = _template(shape, radius, cx, cy, height, width, blur / scale)
             iou = float((template & mask).sum() / max((template | mask).sum(), 1))
             if iou > best[2] + 1e-9:
                 best = (shape, radius, iou)

@@ -58,11 +58,17 @@ CLUTTER_LIMIT = max(COUNT_WORDS) + 1
 class ObjectLike(Protocol):
     """What `check` needs of an object: a `Detection`, or a `SceneObject` for ground truth."""
 
-    color: str
-    shape: str
-    size: str
-    cx: float
-    cy: float
+    # read-only properties: frozen dataclasses (Detection, SceneObject) satisfy them
+    @property
+    def color(self) -> str: ...
+    @property
+    def shape(self) -> str: ...
+    @property
+    def size(self) -> str: ...
+    @property
+    def cx(self) -> float: ...
+    @property
+    def cy(self) -> float: ...
 
 
 def _matches(obj: ObjectLike, want: ObjectSpec) -> bool:
@@ -151,7 +157,7 @@ def score(prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, An
         )
     result: dict[str, Any] = {}
     for category in CATEGORIES:
-        outcomes = [p["passed"] for p in per_prompt if p["category"] == category]
+        outcomes = [bool(p["passed"]) for p in per_prompt if p["category"] == category]
         if outcomes:
             result[category] = sum(outcomes) / len(outcomes)
     result["overall"] = sum(result.values()) / len(result)
