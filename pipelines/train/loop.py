@@ -141,7 +141,7 @@ def train_loop(
     model = world.prepare_model(unet)  # DDP when world.size > 1
     if ema_unet is not None:
         ema_unet.to(device).eval()
-    scheduler = make_noise_scheduler(cfg.prediction_type)
+    scheduler: Any = make_noise_scheduler(cfg.prediction_type)  # Any: diffusers' config is dynamic
     generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, world.rank, step))
     stream = batches(epoch)
     buckets = timestep_bucket_names(cfg.timestep_buckets, scheduler.config.num_train_timesteps)

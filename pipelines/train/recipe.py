@@ -37,7 +37,7 @@ def update_ema(ema_unet: torch.nn.Module, unet: torch.nn.Module, decay: float) -
     U-Net module: it samples, checkpoints and exports with ``save_pretrained`` exactly like the
     trained one, with no second state format.
     """
-    ema_params = list(ema_unet.parameters())
+    ema_params: list[torch.Tensor] = list(ema_unet.parameters())
     params = [p.detach().to(e.dtype) for e, p in zip(ema_params, unet.parameters(), strict=True)]
     # One fused multi-tensor kernel instead of one per parameter (hundreds of launches a step on GPU).
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)

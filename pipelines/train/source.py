@@ -30,7 +30,8 @@ def load_first_stage(cfg: TrainConfig, scaling_factor: float) -> dict[str, Any]:
     from ldm.first_stage.text_encoder import load_text_encoder
 
     work = WorkDir(cfg.workdir)
-    vae = load_autoencoder(cfg.autoencoder or str(work.autoencoder))
+    # Any: diffusers builds `config` and `register_to_config` at run time, which the checker cannot see.
+    vae: Any = load_autoencoder(cfg.autoencoder or str(work.autoencoder))
     # The pipeline decodes with latents / vae.config.scaling_factor: it must be the factor the U-Net
     # was trained with, i.e. the one the data was written with.
     if not math.isclose(vae.config.scaling_factor, scaling_factor, rel_tol=1e-4):

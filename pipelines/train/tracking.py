@@ -44,6 +44,13 @@ class DriverTracking:
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         return None if self.run_id is None else self.calls.call(what, fn, *args)
 
+    @property
+    def _run(self) -> str:
+        """The run id, for calls that ``_call`` makes only once the run exists."""
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run")
+        return self.run_id
+
     def start(self, cfg: TrainConfig, run_name: str, data_uri: str, facts: LatentsFacts) -> None:
         def start() -> None:
             import mlflow
@@ -69,8 +76,8 @@ class DriverTracking:
 
         client = MlflowClient()
         params = {**cfg.flat(), "data.uri": data_uri, **{f"data.{k}": v for k, v in asdict(facts).items()}}
-        client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
-        client.log_text(self.run_id, cfg.to_yaml(), "config/train.yaml")
+        client.log_batch(self._run, params=[Param(key, str(value)) for key, value in params.items()])
+        client.log_text(self._run, cfg.to_yaml(), "config/train.yaml")
 
     def _log_dataset(self, data_uri: str) -> None:
         """The manifest as an artifact, and the latents as the run's dataset input (``mlflow.log_input``)."""
@@ -83,11 +90,12 @@ class DriverTracking:
             warnings.warn(f"no {MANIFEST_FILE} in {data_uri}: the run has no dataset input", stacklevel=2)
             return
         text, digest = manifest
-        mlflow.MlflowClient().log_text(self.run_id, text, f"data/{MANIFEST_FILE}")
+        mlflow.MlflowClient().log_text(self._run, text, f"data/{MANIFEST_FILE}")
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the same
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(data_uri)
-        dataset = MetaDataset(source=source, name="latents", digest=digest[:36])
+        # `profile` is an abstractmethod of Dataset, which is no ABC: MetaDataset instantiates (as MLflow's docs do).
+        dataset = MetaDataset(source=source, name="latents", digest=digest[:36])  # type: ignore[abstract]
         # log_input logs to the active run: make this run active for the call, then leave it RUNNING.
         mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None, log_system_metrics=False)
         try:
@@ -101,8 +109,8 @@ class DriverTracking:
 
             client = MlflowClient()
             for key, value in metrics.items():
-                client.log_metric(self.run_id, key, float(value))
-            client.set_tag(self.run_id, "ldm.export", str(export))
+                client.log_metric(self._run, key, float(value))
+            client.set_tag(self._run, "ldm.export", str(export))
 
         self._call("final metrics", log)
 
@@ -113,8 +121,8 @@ class DriverTracking:
             from mlflow import MlflowClient
 
             client = MlflowClient()
-            workers = int(client.get_run(self.run_id).data.tags.get(FAILURES_TAG, "0"))
-            client.set_tag(self.run_id, FAILURES_TAG, str(workers + self.calls.failures))
-            client.set_terminated(self.run_id, status=status)
+            workers = int(client.get_run(self._run).data.tags.get(FAILURES_TAG, "0"))
+            client.set_tag(self._run, FAILURES_TAG, str(workers + self.calls.failures))
+            client.set_terminated(self._run, status=status)
 
         self._call("end", end)
