@@ -6,6 +6,8 @@ human-readable ``detail``. The reasons are the codes of the ``rejects/`` ledger:
 - ``blocked_url``     (guard)    scheme not http(s), or a host resolving to a non-public address
 - ``blocked_redirect`` (download) a redirect to such a URL (the guard checks every hop)
 - ``caption_too_short`` (filter) empty or shorter than ``min_caption_chars``
+- ``column_filter``   (filter)   an input column outside its ``filters.columns`` bounds, or missing
+                                 (``detail``: the column and its value)
 - ``download_failed`` (download) HTTP/network error, or bytes that are not a decodable image
                                  (``detail`` says which: ``http: ...``, ``not_image: ...``,
                                  ``truncated: ...``)
@@ -40,6 +42,7 @@ STAGE_SCORE = "score"
 
 REASON_BLOCKED = "blocked_url"
 REASON_CAPTION = "caption_too_short"
+REASON_COLUMN = "column_filter"
 REASON_DOWNLOAD = "download_failed"
 REASON_TOO_SMALL = "too_small"
 REASON_TOO_LARGE = "too_large"
@@ -193,6 +196,7 @@ def filter_downloads(
     filters: FilterConfig,
     image_size: int,
     duplicates: dict[str, str],
+    carried: list[str] | tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """One batch of downloaded rows -> the same rows with a verdict and, when accepted, an image.
 
@@ -237,6 +241,7 @@ def filter_downloads(
         COL_REASON: np.array(reasons, dtype=object),
         COL_DETAIL: np.array(details, dtype=object),
         COL_IMAGE: images,
+        **{name: batch[name] for name in carried},  # the input's other columns, unchanged
     }
 
 
@@ -246,10 +251,12 @@ def keep_accepted(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: column[mask] for name, column in batch.items()}
 
 
-def keep_rejected(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The ledger columns (`ldm.contract.REJECT_COLUMNS`) of the rejected rows of ``batch``."""
+def keep_rejected(
+    batch: dict[str, np.ndarray], carried: list[str] | tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """The ledger columns (`ldm.contract.REJECT_COLUMNS`, then ``carried``) of the rejected rows."""
     mask = batch[COL_REASON] != ACCEPTED
-    return {name: batch[name][mask] for name in REJECT_COLUMNS}
+    return {name: batch[name][mask] for name in (*REJECT_COLUMNS, *carried)}
 
 
 # --- score-stage verdicts: they need every scored row (a quantile, pairwise similarities) -----------
