@@ -147,8 +147,12 @@ def judge_scores(scored, cfg: IngestConfig) -> tuple[object, np.ndarray, float]:
     if threshold is not None and keys:
         kept = all_scores >= cutoff  # near-duplicates only among rows that pass the score cut
         vectors = np.concatenate(embeddings)[kept]
-        near = filters.near_duplicate_keys(
-            [k for k, m in zip(keys, kept, strict=True) if m], vectors, threshold
+        near = filters.near_duplicate_keys_lsh(
+            [k for k, m in zip(keys, kept, strict=True) if m],
+            vectors,
+            threshold,
+            bands=cfg.filters.near_duplicate_bands,
+            bits_per_band=cfg.filters.near_duplicate_band_bits,
         )
     if cfg.filters.clip_mode == "threshold":
         how = f"threshold {cfg.filters.clip_threshold}"
