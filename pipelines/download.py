@@ -115,7 +115,8 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
 def _guarded_urlopen(allow_hosts: frozenset[str]):
     """Install an opener with `_GuardedRedirects` as urllib's global one (img2dataset calls
     ``urllib.request.urlopen``) for the duration of one shard; the previous opener comes back after."""
-    previous = urllib.request._opener  # noqa: SLF001 (urllib keeps the installed opener here)
+    # urllib keeps the installed opener in a module global that its stub does not declare
+    previous = urllib.request._opener  # type: ignore[attr-defined]  # noqa: SLF001
     urllib.request.install_opener(urllib.request.build_opener(_GuardedRedirects(allow_hosts)))
     try:
         yield

@@ -214,6 +214,7 @@ def filter_downloads(
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     for i in range(n):
         key = batch[COL_KEY][i]
+        reason: str | None
         if batch[COL_STATUS][i] != "success":
             error = batch[COL_ERROR][i]
             reason, stage, detail = download_failure_reason(error), STAGE_DOWNLOAD, f"http: {error}"
@@ -227,7 +228,7 @@ def filter_downloads(
             if reason is None:
                 reason, stage = ACCEPTED, ACCEPTED
                 images[i] = check.image
-        reasons.append(reason)
+        reasons.append(reason or ACCEPTED)
         stages.append(stage)
         details.append(detail)
     return {

@@ -13,10 +13,12 @@ duplicated. docs/DATA.md says what this plan holds on the driver and where it st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -82,7 +84,7 @@ def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig, c
     return (
         ray.data.read_parquet(paths, filesystem=fs)
         .map_batches(
-            filters.filter_downloads,
+            filters.filter_downloads,  # type: ignore[arg-type]  # Ray's stub does not model fn_kwargs
             fn_kwargs={
                 "filters": cfg.filters,
                 "image_size": cfg.image_size,
@@ -217,36 +219,53 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     }
     rows = read_pairs(cfg.input_uri, cfg.url_col, cfg.caption_col, carry=cfg.carry_columns)
     run_id = start_progress_run(cfg) if cfg.log_mlflow else None
-    carried = carried_columns(rows)
-    carried_schema = rows.select(carried).schema
-    schema = latents_schema(cfg, models, carried_schema)
-    ledger_schema = rejects_schema(carried_schema)
+    with _marks_run_failed(run_id):  # a run left "RUNNING" by a crash would read as alive
+        carried = carried_columns(rows)
+        carried_schema = rows.select(carried).schema
+        schema = latents_schema(cfg, models, carried_schema)
+        ledger_schema = rejects_schema(carried_schema)
 
-    to_download, rejects = check_before_download(rows, cfg)
-    encoded_batches: list = []
-    shard_uris: list[str] = []
-    scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
-    if to_download.num_rows:
-        shard_uris = download.download_all(
-            to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(run_id)
+        to_download, rejects = check_before_download(rows, cfg)
+        encoded_batches: list = []
+        shard_uris: list[str] = []
+        scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
+        if to_download.num_rows:
+            shard_uris = download.download_all(
+                to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(run_id)
+            )
+            judged = judge_downloads(shard_uris, output, cfg, carried)
+            rejects.append(collect_rejects(judged, ledger_schema))
+            scored, scores, cutoff = judge_scores(score(judged, cfg), cfg)
+            rejects.append(collect_rejects(scored, ledger_schema))
+            encoded = encode(scored, cfg, carried)
+            encoded_batches = encoded.iter_batches(batch_format="numpy", batch_size=None)
+        accepted = write_latents(encoded_batches, output, schema, cfg.rows_per_file, cfg.holdout_fraction)
+        rejected = write_rejects(rejects, output, carried_schema)
+
+        input_keys = rows.column(COL_KEY).to_pylist()
+        check_accounting(
+            input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist()
         )
-        judged = judge_downloads(shard_uris, output, cfg, carried)
-        rejects.append(collect_rejects(judged, ledger_schema))
-        scored, scores, cutoff = judge_scores(score(judged, cfg), cfg)
-        rejects.append(collect_rejects(scored, ledger_schema))
-        encoded = encode(scored, cfg, carried)
-        encoded_batches = encoded.iter_batches(batch_format="numpy", batch_size=None)
-    accepted = write_latents(encoded_batches, output, schema, cfg.rows_per_file, cfg.holdout_fraction)
-    rejected = write_rejects(rejects, output, carried_schema)
-
-    input_keys = rows.column(COL_KEY).to_pylist()
-    check_accounting(input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist())
-    manifest = build_manifest(cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started)
-    manifest = manifest.model_copy(update={"clip_cutoff": cutoff if np.isfinite(cutoff) else None})
-    write_manifest(manifest, output)
+        manifest = build_manifest(
+            cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started
+        )
+        manifest = manifest.model_copy(update={"clip_cutoff": cutoff if np.isfinite(cutoff) else None})
+        write_manifest(manifest, output)
     if cfg.log_mlflow:
         log_to_mlflow(cfg, manifest, scores=scores, rejected=rejected, shard_uris=shard_uris, run_id=run_id)
     return manifest
+
+
+@contextlib.contextmanager
+def _marks_run_failed(run_id: str | None) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if run_id is not None:
+            from mlflow import MlflowClient
+
+            MlflowClient().set_terminated(run_id, "FAILED")
+        raise
 
 
 def start_progress_run(cfg: IngestConfig) -> str:
@@ -367,7 +386,7 @@ def log_to_mlflow(
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(storage.join(cfg.output_uri, LATENTS_DIR))
-        dataset = MetaDataset(
+        dataset = MetaDataset(  # type: ignore[abstract]  # concrete at runtime; the stub marks profile abstract
             source=source,
             name="latents",
             digest=manifest.dataset_digest[:16],

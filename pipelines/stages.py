@@ -157,8 +157,9 @@ class LatentEncoder:
 
     def _empty_outputs(self, image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero-row latents and text embeddings of the right shapes (an empty block keeps its schema)."""
-        side = image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        latents = np.zeros((0, self.vae.config.latent_channels, side, side), dtype=np.float32)
+        config = self.vae.config  # type: ignore[attr-defined]  # diffusers' ConfigMixin sets it at runtime
+        side = image_size // 2 ** (len(config.block_out_channels) - 1)
+        latents = np.zeros((0, config.latent_channels, side, side), dtype=np.float32)
         text = np.zeros(
             (0, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size), np.float32
         )
