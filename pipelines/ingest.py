@@ -209,7 +209,6 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     """Run the ingest job; returns the manifest (also written to ``<output>/manifest.json``)."""
     started = time.time()
     storage.configure_s3(cfg.s3_endpoint, cfg.s3_region)  # before Ray starts: workers inherit it
-    ensure_ray(cfg.ray_address, cfg.num_cpus)
     output = cfg.output_uri
     _remove_manifest(output)  # written last: its presence says the outputs beside it are complete
     models = {
@@ -229,7 +228,8 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         encoded_batches: list = []
         shard_uris: list[str] = []
         scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
-        if to_download.num_rows:
+        if to_download.num_rows:  # Ray only when there is something to fetch
+            ensure_ray(cfg.ray_address, cfg.num_cpus)
             shard_uris = download.download_all(
                 to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(run_id)
             )

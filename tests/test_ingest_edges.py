@@ -124,7 +124,7 @@ def _check_complete(output, expected_keys: list[str]) -> tuple[pa.Table, pa.Tabl
     return latents, rejects
 
 
-def test_empty_input_gives_an_empty_complete_ledger(ray_local, models, tmp_path):
+def test_empty_input_gives_an_empty_complete_ledger(models, tmp_path):
     from pipelines.ingest import run_ingest
 
     source = tmp_path / "empty.parquet"
@@ -228,3 +228,14 @@ def test_laion_format_input_filters_on_columns_and_carries_them(ray_local, model
     assert splits == {k: holdout_split(k, 0.5) for k in splits}
     assert manifest.split.holdout == list(splits.values()).count(SPLIT_HOLDOUT)
     assert manifest.split.train + manifest.split.holdout == 5
+
+
+def test_every_url_refused_by_the_guard_gives_a_full_ledger(models, tmp_path):
+    from pipelines.ingest import read_pairs, run_ingest
+
+    urls = [f"http://{host}:8080/a.png" for host in LOOPBACK_SPELLINGS] + ["file:///etc/passwd"]
+    source = tmp_path / "refused.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": ["a red circle"] * 10}), source)
+    manifest = run_ingest(_config(models, str(source), tmp_path / "out"))
+    latents, rejects = _check_complete(tmp_path / "out", read_pairs(str(source)).column(COL_KEY).to_pylist())
+    assert latents.num_rows == 0 and manifest.counts.rejected_by_reason == {filters.REASON_BLOCKED: 10}
