@@ -2,7 +2,7 @@
 
 Why Ray tasks running img2dataset's downloader per shard, and not img2dataset's own Ray distributor:
 its distributor ignores ``processes_count``, never retries a failed shard and silently does nothing
-when ray is not importable (TRAPS.md). A task per shard gives us Ray's retries
+when ray is not importable (docs/DATA.md, "img2dataset facts"). A task per shard gives us Ray's retries
 (``retry_exceptions``), a bounded number of shards in flight, and a completion marker per shard so
 that a re-run reuses finished shards. Tasks (not a Ray Data ``map_batches``) because a shard is a
 unit of side effects (a file and a marker), not a transformation of rows.
@@ -12,7 +12,7 @@ redirect checked by the URL guard too, and with the Parquet writer, which keeps 
 ``status`` and ``error_message`` (the webdataset writer keeps only successes, which would break
 the "every row accounted for" invariant). ``disable_all_reencoding`` keeps the original bytes: the
 size and aspect filters must see the original image (img2dataset's own ``min_image_size`` and
-``max_aspect_ratio`` act after its resize, TRAPS.md), and the duplicate filter hashes the original
+``max_aspect_ratio`` act after its resize, measured), and the duplicate filter hashes the original
 bytes. The shard result (key, url, caption, status, error_message, sha256, image bytes) is written
 to ``<output>/_staging/download/shard-NNNNN.parquet`` through pyarrow's filesystems, so it works for
 ``s3://`` outputs too (img2dataset itself would need s3fs for that).
@@ -79,7 +79,7 @@ def _temporary_files_in(folder: Path):
     """Point $TMPDIR (for spawned children) and this process's `tempfile` at ``folder`` for a while.
 
     img2dataset imports wandb, which leaves empty ``tmp*wandb-*`` folders in the temporary folder of
-    every process that imports it (TRAPS.md); inside this block they land in our scratch folder.
+    every process that imports it; inside this block they land in our scratch folder.
     """
     previous_env, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = str(folder)
@@ -130,7 +130,7 @@ def _run_img2dataset(
     """img2dataset's downloader on one shard, in this process; returns its Parquet output.
 
     Why not ``img2dataset.download``: every call spawns two fresh interpreters (its logger process
-    and a multiprocessing pool, TRAPS.md) that import img2dataset again, seconds per shard, while
+    and a multiprocessing pool) that import img2dataset again, seconds per shard, while
     its "ray" distributor would start nested Ray tasks that wait forever when the shard tasks hold
     every CPU. So this builds the same Reader -> Resizer -> Downloader -> Parquet writer chain that
     ``img2dataset.download`` builds (img2dataset 1.47's ``main.py``) and runs the one shard in this
@@ -141,7 +141,7 @@ def _run_img2dataset(
     output = work / "out"
     output.mkdir()
     (work / "_tmp").mkdir()  # the Reader writes its shard files here (img2dataset.download makes it)
-    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # its import phones home otherwise (TRAPS.md)
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # its import phones home otherwise
     with _temporary_files_in(work):
         from img2dataset.downloader import Downloader
         from img2dataset.reader import Reader

@@ -225,7 +225,7 @@ def filter_downloads(
             stage = STAGE_DOWNLOAD if reason == REASON_DOWNLOAD else STAGE_FILTER
             if reason is None and key in duplicates:
                 reason, stage, detail = REASON_DUPLICATE, STAGE_FILTER, f"same bytes as key {duplicates[key]}"
-            if reason is None:
+            if reason is None and check.image is not None:
                 reason, stage = ACCEPTED, ACCEPTED
                 images[i] = check.image
         reasons.append(reason or ACCEPTED)

@@ -1,4 +1,4 @@
-"""The model stages of the ingest job: callable classes for ``Dataset.map_batches`` (STYLE.md 6).
+"""The model stages of the ingest job: callable classes for ``Dataset.map_batches``.
 
 Each loads its model once in ``__init__`` (one load per actor) and transforms one numpy batch in
 ``__call__``. Resources (``batch_size``, ``concurrency``, ``num_gpus``) are declared where the job

@@ -1,6 +1,6 @@
 """Config of `ldm ingest`: download caption-image pairs, filter them, CLIP-score them, encode them.
 
-One frozen config per job (STYLE.md 5). Paths left as ``None`` default to the work directory's
+One frozen config per job. Paths left as ``None`` default to the work directory's
 layout (`ldm.contract.WorkDir`): the synthetic pairs file as input, ``data/`` as output, and the
 first-stage models that `ldm bootstrap` wrote. Stage resources are declared here and applied where
 the job calls ``map_batches`` (`pipelines.ingest`).
