@@ -144,7 +144,7 @@ def ingest(
             IngestConfig, config, set_, workdir=workdir, input=input, output=output, allow_hosts=allow_host
         )
         _save_config(cfg, "ingest")
-        typer.echo(json.dumps(run_ingest(cfg), indent=2, default=str))
+        typer.echo(run_ingest(cfg).to_json())
 
     _run(job)
 

@@ -1,7 +1,7 @@
 """The one data contract between `pipelines/` (which writes latents) and `ldm/` (which trains on them).
 
 Column names, dtypes, Parquet metadata keys and the work-directory layout are defined here once and
-imported by both sides (STYLE.md 7): nothing else in the code base retypes them as literals.
+imported by both sides: nothing else in the code base retypes them as literals.
 
 Latents are stored *unscaled* (the autoencoder's posterior mean, fp16); the scaling factor that
 training multiplies them by lives in the Parquet schema metadata (``META_SCALING_FACTOR``), written by

@@ -2,7 +2,7 @@
 
 Why Ray tasks running img2dataset's downloader per shard, and not img2dataset's own Ray distributor:
 its distributor ignores ``processes_count``, never retries a failed shard and silently does nothing
-when ray is not importable (TRAPS.md). A task per shard gives us Ray's retries
+when ray is not importable (docs/DATA.md, "img2dataset facts"). A task per shard gives us Ray's retries
 (``retry_exceptions``), a bounded number of shards in flight, and a completion marker per shard so
 that a re-run reuses finished shards. Tasks (not a Ray Data ``map_batches``) because a shard is a
 unit of side effects (a file and a marker), not a transformation of rows.
@@ -12,7 +12,7 @@ redirect checked by the URL guard too, and with the Parquet writer, which keeps 
 ``status`` and ``error_message`` (the webdataset writer keeps only successes, which would break
 the "every row accounted for" invariant). ``disable_all_reencoding`` keeps the original bytes: the
 size and aspect filters must see the original image (img2dataset's own ``min_image_size`` and
-``max_aspect_ratio`` act after its resize, TRAPS.md), and the duplicate filter hashes the original
+``max_aspect_ratio`` act after its resize, measured), and the duplicate filter hashes the original
 bytes. The shard result (key, url, caption, status, error_message, sha256, image bytes) is written
 to ``<output>/_staging/download/shard-NNNNN.parquet`` through pyarrow's filesystems, so it works for
 ``s3://`` outputs too (img2dataset itself would need s3fs for that).
@@ -25,11 +25,15 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ldm import storage
@@ -75,7 +79,7 @@ def _temporary_files_in(folder: Path):
     """Point $TMPDIR (for spawned children) and this process's `tempfile` at ``folder`` for a while.
 
     img2dataset imports wandb, which leaves empty ``tmp*wandb-*`` folders in the temporary folder of
-    every process that imports it (TRAPS.md); inside this block they land in our scratch folder.
+    every process that imports it; inside this block they land in our scratch folder.
     """
     previous_env, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = str(folder)
@@ -111,7 +115,8 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
 def _guarded_urlopen(allow_hosts: frozenset[str]):
     """Install an opener with `_GuardedRedirects` as urllib's global one (img2dataset calls
     ``urllib.request.urlopen``) for the duration of one shard; the previous opener comes back after."""
-    previous = urllib.request._opener  # noqa: SLF001 (urllib keeps the installed opener here)
+    # urllib keeps the installed opener in a module global that its stub does not declare
+    previous = urllib.request._opener  # type: ignore[attr-defined]  # noqa: SLF001
     urllib.request.install_opener(urllib.request.build_opener(_GuardedRedirects(allow_hosts)))
     try:
         yield
@@ -125,7 +130,7 @@ def _run_img2dataset(
     """img2dataset's downloader on one shard, in this process; returns its Parquet output.
 
     Why not ``img2dataset.download``: every call spawns two fresh interpreters (its logger process
-    and a multiprocessing pool, TRAPS.md) that import img2dataset again, seconds per shard, while
+    and a multiprocessing pool) that import img2dataset again, seconds per shard, while
     its "ray" distributor would start nested Ray tasks that wait forever when the shard tasks hold
     every CPU. So this builds the same Reader -> Resizer -> Downloader -> Parquet writer chain that
     ``img2dataset.download`` builds (img2dataset 1.47's ``main.py``) and runs the one shard in this
@@ -136,7 +141,7 @@ def _run_img2dataset(
     output = work / "out"
     output.mkdir()
     (work / "_tmp").mkdir()  # the Reader writes its shard files here (img2dataset.download makes it)
-    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # its import phones home otherwise (TRAPS.md)
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # its import phones home otherwise
     with _temporary_files_in(work):
         from img2dataset.downloader import Downloader
         from img2dataset.reader import Reader
@@ -190,9 +195,19 @@ def _run_img2dataset(
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
 
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard task reports back: its file, its rows, how many failed (-1: reused, not counted)."""
+
+    uri: str
+    rows: int
+    failed: int
+    reused: bool
+
+
 def download_shard(
     rows: pa.Table, shard_uri: str, settings: DownloadConfig, allow_hosts: frozenset[str] = frozenset()
-) -> str:
+) -> ShardResult:
     """Download one shard of (key, url, caption) rows into ``shard_uri``, unless a marker says it is done.
 
     Raises when img2dataset did not account for every row, so that Ray retries the shard.
@@ -200,27 +215,39 @@ def download_shard(
     marker_uri = shard_uri + ".done"
     fingerprint = shard_fingerprint(rows, settings)
     if storage.exists(marker_uri) and storage.read_bytes(marker_uri).decode() == fingerprint:
-        return shard_uri
+        return ShardResult(shard_uri, rows.num_rows, -1, reused=True)
     with tempfile.TemporaryDirectory(prefix="ldm-download-") as tmp:
         result = _run_img2dataset(rows, settings, Path(tmp), allow_hosts)
     result = result.select([CARRIED_KEY, COL_STATUS, COL_ERROR, "sha256", "jpg"]).rename_columns(
         [COL_KEY, COL_STATUS, COL_ERROR, COL_SHA256, COL_IMAGE_BYTES]
     )
-    expected = set(rows.column(COL_KEY).to_pylist())
+    keys = rows.column(COL_KEY).to_pylist()
     got = result.column(COL_KEY).to_pylist()
-    if len(got) != len(expected) or set(got) != expected:
-        raise RuntimeError(f"img2dataset returned {len(got)} rows for {len(expected)} in {shard_uri}")
-    joined = rows.select([COL_KEY, COL_URL, COL_CAPTION]).join(result, COL_KEY).select(SHARD_SCHEMA.names)
-    table = joined.cast(SHARD_SCHEMA)
+    if len(got) != len(keys) or set(got) != set(keys):
+        raise RuntimeError(f"img2dataset returned {len(got)} rows for {len(keys)} in {shard_uri}")
+    # align img2dataset's rows to ours by key (a take, not a join: carried input columns may be of
+    # types Arrow's hash join does not support)
+    position = {key: i for i, key in enumerate(got)}
+    result = result.take(pa.array([position[key] for key in keys], pa.int64()))
+    carried = [name for name in rows.column_names if name not in SHARD_SCHEMA.names]
+    schema = pa.schema([*SHARD_SCHEMA, *rows.select(carried).schema])
+    columns = {name: rows.column(name) for name in (COL_KEY, COL_URL, COL_CAPTION, *carried)}
+    columns |= {name: result.column(name) for name in SHARD_SCHEMA.names if name not in columns}
+    table = pa.table([columns[name] for name in schema.names], names=schema.names).cast(schema)
+    failed = table.num_rows - pc.sum(pc.equal(table.column(COL_STATUS), "success")).as_py()
     fs, path = storage.filesystem(shard_uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs)
     storage.write_bytes(marker_uri, fingerprint.encode())  # last: the shard counts only once complete
-    return shard_uri
+    return ShardResult(shard_uri, table.num_rows, int(failed or 0), reused=False)
 
 
 def download_all(
-    rows: pa.Table, output_uri: str, settings: DownloadConfig, allow_hosts: frozenset[str] = frozenset()
+    rows: pa.Table,
+    output_uri: str,
+    settings: DownloadConfig,
+    allow_hosts: frozenset[str] = frozenset(),
+    on_progress: Callable[[dict[str, float]], None] | None = None,
 ) -> list[str]:
     """Split ``rows`` into shards, download them as Ray tasks; returns the shard files' URIs.
 
@@ -237,12 +264,45 @@ def download_all(
     staging = staging_dir(output_uri)
     pending: list = []
     shard_uris: list[str] = []
+    progress = Progress(total=-(-rows.num_rows // settings.rows_per_shard), on_update=on_progress)
     for index, start in enumerate(range(0, rows.num_rows, settings.rows_per_shard)):
         shard = rows.slice(start, settings.rows_per_shard)
         shard_uris.append(storage.join(staging, f"shard-{index:05d}.parquet"))
         if len(pending) >= settings.shard_concurrency:  # bound the shards in flight
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            progress.add(ray.get(done[0]))
         pending.append(task.remote(shard, shard_uris[-1], settings, allow_hosts))
-    ray.get(pending)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        progress.add(ray.get(done[0]))
     return shard_uris
+
+
+class Progress:
+    """Shards done / total, rows/s and failed downloads so far: one console line per finished shard,
+    and the same figures to ``on_update`` (the job passes a function that logs MLflow metrics)."""
+
+    def __init__(self, total: int, on_update: Callable[[dict[str, float]], None] | None = None):
+        self.total, self.on_update = total, on_update
+        self.started = time.monotonic()
+        self.shards = self.rows = self.failed = self.reused = 0
+
+    def add(self, result: ShardResult) -> None:
+        self.shards += 1
+        self.rows += result.rows
+        self.reused += result.reused
+        self.failed += max(result.failed, 0)
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        figures = {
+            "download_shards_done": float(self.shards),
+            "download_shards_total": float(self.total),
+            "download_rows_per_second": self.rows / seconds,
+            "download_failed_so_far": float(self.failed),
+        }
+        print(
+            f"download: {self.shards}/{self.total} shards ({self.reused} reused), {self.rows} rows, "
+            f"{figures['download_rows_per_second']:.1f} rows/s, {self.failed} failed so far",
+            flush=True,
+        )
+        if self.on_update is not None:
+            self.on_update(figures)

@@ -1,298 +1,77 @@
 """The ingest job (`ldm ingest`): caption-image pairs -> latents/, rejects/ and manifest.json.
 
-The recipe (`run_ingest`): read the pairs and key them, guard the URLs, download (img2dataset,
-one Ray task per shard), filter (plain functions), CLIP-score (an actor pool), judge the scores (the
-cut and near-duplicates need every score, so they run once scoring is done), encode (an actor
-pool), write; then the funnel goes to MLflow (`pipelines.ingest_report`). Every input row ends in exactly one of ``latents/`` (accepted) or
-``rejects/`` (with the stage and reason that dropped it); the job checks that at the end and fails
-loudly otherwise. A re-run into the same output reuses finished download shards and rewrites the
-final outputs, so nothing is duplicated.
-
-Latents are written with pyarrow on the driver, not with ``Dataset.write_parquet``: every file must
-carry the schema metadata (scaling factor, shapes, model identities) and Ray's writer has no hook
-for it. The rows are small (a 4x16x16 fp16 latent is 2 KB), so the funnel is not the bottleneck of
-this job; the downloads and the model stages are.
+The recipe (`run_ingest`): read the pairs and key them, check what needs no download (URL guard,
+caption, column predicates: `pipelines.ingest_read`), download (img2dataset, one Ray task per
+shard, `pipelines.download`), filter (plain functions), CLIP-score (an actor pool), judge the scores
+(the cut and near-duplicates need every score, so they run once scoring is done), encode (an actor
+pool), write (`pipelines.ingest_write`); then the funnel goes to MLflow (`pipelines.ingest_report`).
+Every input row ends in exactly one of ``latents/`` (accepted) or ``rejects/`` (with the stage and
+reason that dropped it); the job checks that at the end and fails loudly otherwise. A re-run into
+the same output reuses finished download shards and rewrites the final outputs, so nothing is
+duplicated. docs/DATA.md says what this plan holds on the driver and where it stops scaling.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ldm import storage
 from ldm.config.ingest import IngestConfig
 from ldm.contract import (
-    COL_CAPTION,
     COL_CLIP_SCORE,
-    COL_HEIGHT,
     COL_KEY,
-    COL_LATENT,
     COL_SHA256,
-    COL_TEXT_EMBEDDING,
-    COL_URL,
-    COL_WIDTH,
+    COL_SPLIT,
     LATENTS_DIR,
     MANIFEST_FILE,
-    META_AUTOENCODER,
-    META_CLIP,
+    META_CARRIED_COLUMNS,
+    META_INPUT_IDS_SHAPE,
     META_LATENT_SHAPE,
     META_SCALING_FACTOR,
     META_TEXT_EMBEDDING_SHAPE,
-    META_TEXT_ENCODER,
     REJ_REASON,
     REJ_STAGE,
     REJECT_COLUMNS,
-    REJECTS_DIR,
+    SPLIT_HOLDOUT,
     Counts,
+    HoldoutInfo,
     Manifest,
     Models,
     write_manifest,
 )
 from ldm.first_stage.text_encoder import TEXT_ENCODER_DIR, TOKENIZER_DIR
 from ldm.runtime import ensure_ray
-from pipelines import download, filters, ingest_report, urlguard
+from pipelines import download, filters, ingest_report
+from pipelines.ingest_read import carried_columns, check_before_download, read_pairs, rejects_schema
+from pipelines.ingest_write import (
+    IngestAccountingError,
+    _remove_manifest,
+    check_accounting,
+    dataset_digest,
+    latents_schema,
+    model_identity,
+    write_latents,
+    write_rejects,
+)
 from pipelines.stages import ClipScorer, LatentEncoder
 
 EXPERIMENT = "ingest"
-REJECTS_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
-
-
-class IngestAccountingError(RuntimeError):
-    """Some input row is missing from both latents/ and rejects/, or is in them more than once."""
-
-
-# --- read ----------------------------------------------------------------------------------------
-def read_pairs(uri: str, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
-    """The input as (key, url, caption) strings; Parquet (file or folder), CSV or TSV, local or s3://."""
-    fs, path = storage.filesystem(uri)
-    name = path.lower().removesuffix(".gz")
-    if name.endswith(".csv") or name.endswith(".tsv"):
-        delimiter = "\t" if name.endswith(".tsv") else ","
-        with fs.open_input_stream(path, compression="detect") as stream:
-            table = pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    else:  # Parquet: a file or a folder of files
-        table = pq.read_table(path, filesystem=fs)
-    missing = [c for c in (url_col, caption_col) if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{uri}: missing column(s) {missing}; it has {table.column_names}")
-    urls = _as_text(table.column(url_col))
-    captions = _as_text(table.column(caption_col))
-    keys = [filters.row_key(i, u, c) for i, (u, c) in enumerate(zip(urls, captions, strict=True))]
-    return pa.table({COL_KEY: keys, COL_URL: urls, COL_CAPTION: captions})
-
-
-def _as_text(column: pa.ChunkedArray) -> list[str]:
-    """A column as strings; nulls become "". Bytes that are not UTF-8 (pyarrow reads such a CSV
-    column as binary) are decoded with U+FFFD for the bad bytes: the row stays, with a visible scar."""
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return ["" if v is None else v.decode("utf-8", errors="replace") for v in column.to_pylist()]
-    return ["" if v is None else str(v) for v in column.to_pylist()]
-
-
-# --- guard and caption check (before any byte is fetched) ------------------------------------------
-def _reject_table(
-    rows: pa.Table, mask: list[bool], stage: str, reasons: list[str], details: list[str]
-) -> pa.Table:
-    picked = rows.filter(pa.array(mask))
-    return pa.table(
-        {
-            COL_KEY: picked.column(COL_KEY),
-            COL_URL: picked.column(COL_URL),
-            COL_CAPTION: picked.column(COL_CAPTION),
-            filters.COL_STAGE: [stage] * picked.num_rows,
-            filters.COL_REASON: [r for r, m in zip(reasons, mask, strict=True) if m],
-            filters.COL_DETAIL: [d for d, m in zip(details, mask, strict=True) if m],
-        },
-        schema=REJECTS_SCHEMA,
-    )
-
-
-def guard_and_check_captions(rows: pa.Table, cfg: IngestConfig) -> tuple[pa.Table, list[pa.Table]]:
-    """(rows worth downloading, [rejects of the guard, rejects of the caption check])."""
-    verdicts = [urlguard.check_url(url, cfg.allowed_hosts) for url in rows.column(COL_URL).to_pylist()]
-    blocked = [not v.allowed for v in verdicts]
-    blocked_rejects = _reject_table(
-        rows,
-        blocked,
-        filters.STAGE_GUARD,
-        [filters.REASON_BLOCKED] * len(blocked),
-        [v.detail for v in verdicts],
-    )
-    rows = rows.filter(pa.array([not b for b in blocked]))
-    problems = [
-        filters.caption_problem(c, cfg.filters.min_caption_chars)
-        for c in rows.column(COL_CAPTION).to_pylist()
-    ]
-    short = [p is not None for p in problems]
-    caption_rejects = _reject_table(
-        rows, short, filters.STAGE_FILTER, [filters.REASON_CAPTION] * len(short), [p or "" for p in problems]
-    )
-    return rows.filter(pa.array([not s for s in short])), [blocked_rejects, caption_rejects]
-
-
-# --- model identities and the latents schema -------------------------------------------------------
-def model_identity(spec: str, subfolders: tuple[str, ...] = ()) -> dict[str, str]:
-    """Where a model came from and a digest of its files (so a manifest pins the exact weights).
-
-    ``subfolders`` limits the digest to those folders of ``spec`` (the text encoder lives in a models
-    folder beside the other models).
-    """
-    path = spec.split("@", 1)[1] if spec.startswith("open_clip:") else spec
-    local = storage.materialize(path)
-    roots = [local / sub for sub in subfolders] if subfolders else [local]
-    files = sorted(p for root in roots for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        if file.name == ".complete":  # storage.materialize's cache marker
-            continue
-        digest.update(str(file.relative_to(local if local.is_dir() else local.parent)).encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return {"spec": spec, "sha256": digest.hexdigest()[:16]}
-
-
-def latents_schema(cfg: IngestConfig, models: dict[str, dict[str, str]]) -> pa.Schema:
-    """The schema of latents/, with shapes and the scaling factor read from the models' own configs."""
-    from ldm.first_stage.autoencoder import load_autoencoder
-    from ldm.first_stage.text_encoder import load_text_encoder
-
-    vae = load_autoencoder(cfg.autoencoder_spec)
-    downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_shape = [vae.config.latent_channels, cfg.image_size // downsample, cfg.image_size // downsample]
-    tokenizer, text_encoder = load_text_encoder(cfg.text_encoder_spec)
-    text_shape = [tokenizer.model_max_length, text_encoder.config.hidden_size]
-    metadata = {
-        META_SCALING_FACTOR: json.dumps(float(vae.config.scaling_factor)),
-        META_LATENT_SHAPE: json.dumps(latent_shape),
-        META_TEXT_EMBEDDING_SHAPE: json.dumps(text_shape),
-        META_AUTOENCODER: json.dumps(models["autoencoder"]),
-        META_TEXT_ENCODER: json.dumps(models["text_encoder"]),
-        META_CLIP: json.dumps(models["clip"]),
-    }
-    return pa.schema(
-        [
-            (COL_KEY, pa.string()),
-            (COL_URL, pa.string()),
-            (COL_CAPTION, pa.string()),
-            (COL_CLIP_SCORE, pa.float32()),
-            (COL_WIDTH, pa.int32()),
-            (COL_HEIGHT, pa.int32()),
-            (COL_SHA256, pa.string()),
-            (COL_LATENT, pa.fixed_shape_tensor(pa.float16(), latent_shape)),
-            (COL_TEXT_EMBEDDING, pa.fixed_shape_tensor(pa.float16(), text_shape)),
-        ],
-        metadata=metadata,
-    )
-
-
-# --- write ---------------------------------------------------------------------------------------
-def _fresh_dir(uri: str) -> None:
-    """Delete the folder at ``uri`` (a re-run rewrites the outputs) and create it empty."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-
-
-def _remove_manifest(output_uri: str) -> None:
-    fs, path = storage.filesystem(storage.join(output_uri, MANIFEST_FILE))
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_file(path)
-
-
-def _latent_batch_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
-    columns = []
-    for field in schema:
-        values = batch[field.name]
-        if isinstance(field.type, pa.FixedShapeTensorType):
-            expected = tuple(field.type.shape)
-            if tuple(values.shape[1:]) != expected:
-                raise ValueError(f"{field.name} has shape {values.shape[1:]}, the schema says {expected}")
-            columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values)))
-        else:
-            columns.append(pa.array(values.tolist(), type=field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def write_latents(batches, output_uri: str, schema: pa.Schema, rows_per_file: int) -> pa.Table:
-    """Stream encoded batches into ``latents/part-NNNNN.parquet``; returns their (key, sha256) columns."""
-    folder = storage.join(output_uri, LATENTS_DIR)
-    _fresh_dir(folder)
-    fs, base = storage.filesystem(folder)
-    written: list[pa.Table] = [
-        pa.table({COL_KEY: pa.array([], pa.string()), COL_SHA256: pa.array([], pa.string())})
-    ]
-    writer, rows_in_file, part = None, 0, 0
-    for batch in batches:
-        table = _latent_batch_table(batch, schema)
-        while table.num_rows:
-            if writer is None or rows_in_file >= rows_per_file:
-                if writer is not None:
-                    writer.close()
-                writer = pq.ParquetWriter(f"{base}/part-{part:05d}.parquet", schema, filesystem=fs)
-                rows_in_file, part = 0, part + 1
-            piece = table.slice(0, rows_per_file - rows_in_file)
-            writer.write_table(piece)
-            written.append(piece.select([COL_KEY, COL_SHA256]))
-            rows_in_file += piece.num_rows
-            table = table.slice(piece.num_rows)
-    if writer is None:  # no accepted row: still leave one (empty) file that carries the schema
-        pq.write_table(schema.empty_table(), f"{base}/part-00000.parquet", filesystem=fs)
-    else:
-        writer.close()
-    return pa.concat_tables(written)
-
-
-def write_rejects(rejects: list[pa.Table], output_uri: str) -> pa.Table:
-    table = (
-        pa.concat_tables([r.cast(REJECTS_SCHEMA) for r in rejects])
-        if rejects
-        else REJECTS_SCHEMA.empty_table()
-    )
-    folder = storage.join(output_uri, REJECTS_DIR)
-    _fresh_dir(folder)
-    fs, base = storage.filesystem(folder)
-    pq.write_table(table, f"{base}/part-00000.parquet", filesystem=fs)
-    return table
-
-
-def dataset_digest(accepted: pa.Table) -> str:
-    """sha256 over the sorted (key, content hash) pairs of the accepted rows: same data, same digest."""
-    digest = hashlib.sha256()
-    pairs = sorted(
-        zip(accepted.column(COL_KEY).to_pylist(), accepted.column(COL_SHA256).to_pylist(), strict=True)
-    )
-    for key, content in pairs:
-        digest.update(f"{key}\t{content}\n".encode())
-    return digest.hexdigest()
-
-
-def check_accounting(input_keys: list[str], accepted_keys: list[str], rejected_keys: list[str]) -> None:
-    """Every input row exactly once in latents/ or rejects/: raise `IngestAccountingError` otherwise."""
-    seen = Counter(accepted_keys) + Counter(rejected_keys)
-    expected = Counter(input_keys)
-    if seen == expected:
-        return
-    missing = sorted((expected - seen).keys())
-    extra = sorted((seen - expected).keys())
-    raise IngestAccountingError(
-        f"ingest lost or duplicated rows: {len(input_keys)} in, {len(accepted_keys)} accepted + "
-        f"{len(rejected_keys)} rejected; missing {len(missing)} (e.g. {missing[:3]}), "
-        f"extra or repeated {len(extra)} (e.g. {extra[:3]})"
-    )
+__all__ = ["IngestAccountingError", "check_accounting", "read_pairs", "run_ingest", "log_to_mlflow"]
 
 
 # --- the Ray Data stages --------------------------------------------------------------------------
-def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig):
+def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig, carried: list[str]):
     """Downloaded shards -> a materialized Dataset of filter verdicts (plus model-ready images)."""
     import ray.data
 
@@ -305,8 +84,13 @@ def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig):
     return (
         ray.data.read_parquet(paths, filesystem=fs)
         .map_batches(
-            filters.filter_downloads,
-            fn_kwargs={"filters": cfg.filters, "image_size": cfg.image_size, "duplicates": duplicates},
+            filters.filter_downloads,  # type: ignore[arg-type]  # Ray's stub does not model fn_kwargs
+            fn_kwargs={
+                "filters": cfg.filters,
+                "image_size": cfg.image_size,
+                "duplicates": duplicates,
+                "carried": carried,
+            },
             batch_size=cfg.filter_batch_size,
         )
         .materialize()
@@ -365,8 +149,12 @@ def judge_scores(scored, cfg: IngestConfig) -> tuple[object, np.ndarray, float]:
     if threshold is not None and keys:
         kept = all_scores >= cutoff  # near-duplicates only among rows that pass the score cut
         vectors = np.concatenate(embeddings)[kept]
-        near = filters.near_duplicate_keys(
-            [k for k, m in zip(keys, kept, strict=True) if m], vectors, threshold
+        near = filters.near_duplicate_keys_lsh(
+            [k for k, m in zip(keys, kept, strict=True) if m],
+            vectors,
+            threshold,
+            bands=cfg.filters.near_duplicate_bands,
+            bits_per_band=cfg.filters.near_duplicate_band_bits,
         )
     if cfg.filters.clip_mode == "threshold":
         how = f"threshold {cfg.filters.clip_threshold}"
@@ -380,8 +168,9 @@ def judge_scores(scored, cfg: IngestConfig) -> tuple[object, np.ndarray, float]:
     return judged, all_scores, cutoff
 
 
-def encode(scored, cfg: IngestConfig):
-    """The accepted rows of ``scored`` with latents and text embeddings (lazy: streamed to the writer)."""
+def encode(scored, cfg: IngestConfig, carried: list[str]):
+    """The accepted rows of ``scored`` with latents and the caption's text embedding and/or token ids
+    (lazy: streamed to the writer)."""
     import ray.data
 
     return scored.map_batches(filters.keep_accepted, batch_size=None).map_batches(
@@ -391,6 +180,9 @@ def encode(scored, cfg: IngestConfig):
             "text_encoder_spec": cfg.text_encoder_spec,
             "use_gpu": cfg.encode.num_gpus > 0,
             "torch_threads": cfg.torch_threads,
+            "store_text_embeddings": cfg.store_text_embeddings,
+            "store_input_ids": cfg.store_input_ids,
+            "carried": carried,
         },
         batch_size=cfg.encode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.encode.concurrency),
@@ -400,15 +192,16 @@ def encode(scored, cfg: IngestConfig):
     )
 
 
-def collect_rejects(dataset) -> pa.Table:
-    """The rejected rows of a judged or scored Dataset, as a ledger table (small: no pixels)."""
+def collect_rejects(dataset, schema: pa.Schema) -> pa.Table:
+    """The rejected rows of a judged or scored Dataset, as a ledger table of ``schema`` (no pixels)."""
+    carried = schema.names[len(REJECT_COLUMNS) :]
     parts = [
-        pa.Table.from_pydict({name: batch[name].tolist() for name in REJECT_COLUMNS}, schema=REJECTS_SCHEMA)
-        for batch in dataset.map_batches(filters.keep_rejected, batch_size=None).iter_batches(
-            batch_format="numpy", batch_size=None
-        )
+        pa.Table.from_pydict({name: batch[name].tolist() for name in schema.names}, schema=schema)
+        for batch in dataset.map_batches(
+            filters.keep_rejected, fn_kwargs={"carried": carried}, batch_size=None
+        ).iter_batches(batch_format="numpy", batch_size=None)
     ]
-    return pa.concat_tables([REJECTS_SCHEMA.empty_table(), *parts])
+    return pa.concat_tables([schema.empty_table(), *parts])
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -416,7 +209,6 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     """Run the ingest job; returns the manifest (also written to ``<output>/manifest.json``)."""
     started = time.time()
     storage.configure_s3(cfg.s3_endpoint, cfg.s3_region)  # before Ray starts: workers inherit it
-    ensure_ray(cfg.ray_address, cfg.num_cpus)
     output = cfg.output_uri
     _remove_manifest(output)  # written last: its presence says the outputs beside it are complete
     models = {
@@ -424,31 +216,82 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         "autoencoder": model_identity(cfg.autoencoder_spec),
         "text_encoder": model_identity(cfg.text_encoder_spec, subfolders=(TEXT_ENCODER_DIR, TOKENIZER_DIR)),
     }
-    schema = latents_schema(cfg, models)
+    rows = read_pairs(cfg.input_uri, cfg.url_col, cfg.caption_col, carry=cfg.carry_columns)
+    run_id = start_progress_run(cfg) if cfg.log_mlflow else None
+    with _marks_run_failed(run_id):  # a run left "RUNNING" by a crash would read as alive
+        carried = carried_columns(rows)
+        carried_schema = rows.select(carried).schema
+        schema = latents_schema(cfg, models, carried_schema)
+        ledger_schema = rejects_schema(carried_schema)
 
-    rows = read_pairs(cfg.input_uri, cfg.url_col, cfg.caption_col)
-    to_download, rejects = guard_and_check_captions(rows, cfg)
-    encoded_batches: list = []
-    shard_uris: list[str] = []
-    scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
-    if to_download.num_rows:
-        shard_uris = download.download_all(to_download, output, cfg.download, cfg.allowed_hosts)
-        judged = judge_downloads(shard_uris, output, cfg)
-        rejects.append(collect_rejects(judged))
-        scored, scores, cutoff = judge_scores(score(judged, cfg), cfg)
-        rejects.append(collect_rejects(scored))
-        encoded_batches = encode(scored, cfg).iter_batches(batch_format="numpy", batch_size=None)
-    accepted = write_latents(encoded_batches, output, schema, cfg.rows_per_file)
-    rejected = write_rejects(rejects, output)
+        to_download, rejects = check_before_download(rows, cfg)
+        encoded_batches: list = []
+        shard_uris: list[str] = []
+        scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
+        if to_download.num_rows:  # Ray only when there is something to fetch
+            ensure_ray(cfg.ray_address, cfg.num_cpus)
+            shard_uris = download.download_all(
+                to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(run_id)
+            )
+            judged = judge_downloads(shard_uris, output, cfg, carried)
+            rejects.append(collect_rejects(judged, ledger_schema))
+            scored, scores, cutoff = judge_scores(score(judged, cfg), cfg)
+            rejects.append(collect_rejects(scored, ledger_schema))
+            encoded = encode(scored, cfg, carried)
+            encoded_batches = encoded.iter_batches(batch_format="numpy", batch_size=None)
+        accepted = write_latents(encoded_batches, output, schema, cfg.rows_per_file, cfg.holdout_fraction)
+        rejected = write_rejects(rejects, output, carried_schema)
 
-    input_keys = rows.column(COL_KEY).to_pylist()
-    check_accounting(input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist())
-    manifest = build_manifest(cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started)
-    manifest = manifest.model_copy(update={"clip_cutoff": cutoff if np.isfinite(cutoff) else None})
-    write_manifest(manifest, output)
+        input_keys = rows.column(COL_KEY).to_pylist()
+        check_accounting(
+            input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist()
+        )
+        manifest = build_manifest(
+            cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started
+        )
+        manifest = manifest.model_copy(update={"clip_cutoff": cutoff if np.isfinite(cutoff) else None})
+        write_manifest(manifest, output)
     if cfg.log_mlflow:
-        log_to_mlflow(cfg, manifest, scores=scores, rejected=rejected, shard_uris=shard_uris)
+        log_to_mlflow(cfg, manifest, scores=scores, rejected=rejected, shard_uris=shard_uris, run_id=run_id)
     return manifest
+
+
+@contextlib.contextmanager
+def _marks_run_failed(run_id: str | None) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if run_id is not None:
+            from mlflow import MlflowClient
+
+            MlflowClient().set_terminated(run_id, "FAILED")
+        raise
+
+
+def start_progress_run(cfg: IngestConfig) -> str:
+    """Open the job's MLflow run before the download, so progress metrics show while it runs."""
+    from mlflow import MlflowClient
+
+    from ldm import tracking
+
+    run = MlflowClient().create_run(tracking.experiment(EXPERIMENT, cfg.workdir), run_name="ingest")
+    return run.info.run_id
+
+
+def _progress_logger(run_id: str | None):
+    """Progress figures -> MLflow metrics of ``run_id`` (stepped by shards done); None: console only."""
+    if run_id is None:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+
+    def log(figures: dict[str, float]) -> None:
+        step = int(figures["download_shards_done"])
+        for key, value in figures.items():
+            client.log_metric(run_id, key, value, step=step)
+
+    return log
 
 
 def build_manifest(
@@ -461,6 +304,11 @@ def build_manifest(
     seconds: float,
 ) -> Manifest:
     metadata = schema.metadata
+
+    def shape(key: bytes) -> list[int] | None:
+        return json.loads(metadata[key]) if key in metadata else None
+
+    holdout = sum(1 for split in accepted.column(COL_SPLIT).to_pylist() if split == SPLIT_HOLDOUT)
     by_reason = dict(sorted(Counter(rejected.column(REJ_REASON).to_pylist()).items()))
     return Manifest(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -478,7 +326,10 @@ def build_manifest(
         models=Models.model_validate(models),
         scaling_factor=json.loads(metadata[META_SCALING_FACTOR]),
         latent_shape=json.loads(metadata[META_LATENT_SHAPE]),
-        text_embedding_shape=json.loads(metadata[META_TEXT_EMBEDDING_SHAPE]),
+        text_embedding_shape=shape(META_TEXT_EMBEDDING_SHAPE),
+        input_ids_shape=shape(META_INPUT_IDS_SHAPE),
+        carried_columns=json.loads(metadata[META_CARRIED_COLUMNS]),
+        split=HoldoutInfo(fraction=cfg.holdout_fraction, train=accepted.num_rows - holdout, holdout=holdout),
         seconds=round(seconds, 3),
         rows_per_second=round(num_input / seconds, 3) if seconds > 0 else None,
         config=cfg.to_dict(),
@@ -491,10 +342,13 @@ def log_to_mlflow(
     scores: np.ndarray | None = None,
     rejected: pa.Table | None = None,
     shard_uris: list[str] | None = None,
+    run_id: str | None = None,
 ) -> str:
     """One MLflow run in experiment "ingest": config as params, counts as metrics, the manifest as
     an artifact and as the run's input dataset, and the funnel as pictures: ``funnel.png``,
-    ``clip_scores.png`` (with the cut marked) and ``rejects/<reason>.png``. Returns the run id."""
+    ``clip_scores.png`` (with the cut marked) and ``rejects/<reason>.png``. Returns the run id.
+
+    ``run_id``: the run `start_progress_run` opened for the live progress metrics."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -513,7 +367,7 @@ def log_to_mlflow(
     metrics |= {"seconds": manifest.seconds, "rows_per_second": manifest.rows_per_second or 0.0}
     if manifest.clip_cutoff is not None:
         metrics["clip_cutoff"] = manifest.clip_cutoff
-    with mlflow.start_run(experiment_id=experiment_id, run_name="ingest") as run:
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name="ingest") as run:
         mlflow.log_params({k: ("" if v is None else v) for k, v in cfg.flat().items()})
         mlflow.log_metrics(metrics)
         mlflow.log_text(manifest.to_json(), MANIFEST_FILE)
@@ -532,7 +386,7 @@ def log_to_mlflow(
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(storage.join(cfg.output_uri, LATENTS_DIR))
-        dataset = MetaDataset(
+        dataset = MetaDataset(  # type: ignore[abstract]  # concrete at runtime; the stub marks profile abstract
             source=source,
             name="latents",
             digest=manifest.dataset_digest[:16],

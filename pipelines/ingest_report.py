@@ -25,6 +25,7 @@ from pipelines.download import COL_IMAGE_BYTES
 FUNNEL_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("URL allowed", (filters.REASON_BLOCKED,)),
     ("caption ok", (filters.REASON_CAPTION,)),
+    ("column filters", (filters.REASON_COLUMN,)),
     ("downloaded", (filters.REASON_DOWNLOAD, filters.REASON_OPTED_OUT, filters.REASON_BLOCKED_REDIRECT)),
     (
         "image filters",

@@ -1,4 +1,4 @@
-"""The model stages of the ingest job: callable classes for ``Dataset.map_batches`` (STYLE.md 6).
+"""The model stages of the ingest job: callable classes for ``Dataset.map_batches``.
 
 Each loads its model once in ``__init__`` (one load per actor) and transforms one numpy batch in
 ``__call__``. Resources (``batch_size``, ``concurrency``, ``num_gpus``) are declared where the job
@@ -14,12 +14,14 @@ from ldm.contract import (
     COL_CAPTION,
     COL_CLIP_SCORE,
     COL_HEIGHT,
+    COL_INPUT_IDS,
     COL_KEY,
     COL_LATENT,
     COL_SHA256,
     COL_TEXT_EMBEDDING,
     COL_URL,
     COL_WIDTH,
+    INPUT_IDS_DTYPE,
     LATENT_DTYPE,
     TEXT_EMBEDDING_DTYPE,
 )
@@ -98,10 +100,18 @@ class ClipScorer:
 
 class LatentEncoder:
     """Adds ``latent`` (fp16 [C, H, W], the autoencoder's unscaled posterior mean) and
-    ``text_embedding`` (fp16 [L, D], `ldm.text.encode_captions`); drops the pixels."""
+    ``text_embedding`` (fp16 [L, D], `ldm.text.encode_captions`) and/or ``input_ids`` (int32 [L], the
+    same tokenizer call); drops the pixels and keeps the ``carried`` input columns."""
 
     def __init__(
-        self, autoencoder_spec: str, text_encoder_spec: str, use_gpu: bool = False, torch_threads: int = 1
+        self,
+        autoencoder_spec: str,
+        text_encoder_spec: str,
+        use_gpu: bool = False,
+        torch_threads: int = 1,
+        store_text_embeddings: bool = True,
+        store_input_ids: bool = False,
+        carried: list[str] | tuple[str, ...] = (),
     ):
         from ldm.first_stage.autoencoder import load_autoencoder
         from ldm.first_stage.text_encoder import load_text_encoder
@@ -109,6 +119,8 @@ class LatentEncoder:
         self.device = _device(use_gpu, torch_threads)
         self.vae = load_autoencoder(autoencoder_spec, device=self.device)
         self.tokenizer, self.text_encoder = load_text_encoder(text_encoder_spec, device=self.device)
+        self.store_text_embeddings, self.store_input_ids = store_text_embeddings, store_input_ids
+        self.carried = tuple(carried)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ldm.first_stage.autoencoder import encode_images
@@ -127,15 +139,27 @@ class LatentEncoder:
                 raise ValueError(
                     f"{name} values are not finite in float16 (keys {list(batch[COL_KEY][:3])}...)"
                 )
-        out = {name: batch[name] for name in LATENT_ROW_COLUMNS[:7]}
+        out = {name: batch[name] for name in (*LATENT_ROW_COLUMNS[:7], *self.carried)}
         out[COL_LATENT] = latents.astype(LATENT_DTYPE)
-        out[COL_TEXT_EMBEDDING] = text.astype(TEXT_EMBEDDING_DTYPE)
+        if self.store_text_embeddings:
+            out[COL_TEXT_EMBEDDING] = text.astype(TEXT_EMBEDDING_DTYPE)
+        if self.store_input_ids:
+            out[COL_INPUT_IDS] = self._input_ids([str(c) for c in batch[COL_CAPTION]])
         return out
+
+    def _input_ids(self, captions: list[str]) -> np.ndarray:
+        """int32 [N, L]: the tokenizer call `ldm.text.encode_captions` makes, so ids and embeddings agree."""
+        length = self.tokenizer.model_max_length
+        if not captions:
+            return np.zeros((0, length), dtype=INPUT_IDS_DTYPE)
+        tokens = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True)
+        return np.asarray(tokens["input_ids"], dtype=INPUT_IDS_DTYPE)
 
     def _empty_outputs(self, image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero-row latents and text embeddings of the right shapes (an empty block keeps its schema)."""
-        side = image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        latents = np.zeros((0, self.vae.config.latent_channels, side, side), dtype=np.float32)
+        config = self.vae.config  # type: ignore[attr-defined]  # diffusers' ConfigMixin sets it at runtime
+        side = image_size // 2 ** (len(config.block_out_channels) - 1)
+        latents = np.zeros((0, config.latent_channels, side, side), dtype=np.float32)
         text = np.zeros(
             (0, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size), np.float32
         )

@@ -37,7 +37,7 @@ Resolver = Callable[[str], list[str]]
 def resolve_host(host: str) -> list[str]:
     """All addresses ``host`` resolves to (IPv4 and IPv6); raises OSError when it does not resolve."""
     infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})
 
 
 def address_problem(address: str) -> str | None:

@@ -88,7 +88,7 @@ def test_latent_encoder_writes_fp16_latents_and_text_embeddings(workdir):
         "width": np.full(3, 64),
         "height": np.full(3, 64),
     }
-    out = LatentEncoder(str(workdir.autoencoder), str(workdir.models))(batch)
+    out = LatentEncoder(str(workdir.autoencoder), str(workdir.models), store_input_ids=True)(batch)
     assert "image" not in out
     assert out[COL_LATENT].dtype == np.float16 and out[COL_LATENT].shape == (3, 4, 16, 16)
     expected = encode_images(load_autoencoder(str(workdir.autoencoder)), images).numpy()
@@ -97,6 +97,9 @@ def test_latent_encoder_writes_fp16_latents_and_text_embeddings(workdir):
     text = encode_captions(tokenizer, text_encoder, captions).numpy()
     assert out[COL_TEXT_EMBEDDING].shape == text.shape == (3, 16, 32)
     np.testing.assert_allclose(out[COL_TEXT_EMBEDDING], text, atol=5e-3, rtol=1e-3)
+    # the token ids come from the same tokenizer call as the embedding
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    assert out["input_ids"].dtype == np.int32 and out["input_ids"].tolist() == ids["input_ids"]
 
 
 @pytest.fixture(scope="module")

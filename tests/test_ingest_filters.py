@@ -208,3 +208,28 @@ def test_redirect_refused_by_the_guard_is_its_own_reason():
 
     message = f"HTTP Error 302: {REDIRECT_BLOCKED}: host 'localhost' resolves to loopback address 127.0.0.1"
     assert filters.download_failure_reason(message) == filters.REASON_BLOCKED_REDIRECT
+
+
+def test_lsh_near_duplicates_agree_with_the_exact_pass_within_the_stated_bound():
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((300, 32)).astype(np.float32)
+    # 60 planted pairs at cosine ~0.97-0.995, the rest random (cosine ~0 in 32 dimensions)
+    twins = base[:60] + rng.normal(0, 0.12, (60, 32)).astype(np.float32)
+    vectors = np.concatenate([base, twins])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [f"{i:04d}" for i in range(len(vectors))]
+    threshold = 0.95
+    exact = filters.near_duplicate_keys(keys, vectors, threshold)
+    approx = filters.near_duplicate_keys_lsh(keys, vectors, threshold, bands=40, bits_per_band=16)
+    assert len(exact) >= 55
+    assert set(approx) <= set(exact)  # never a false positive: candidates are checked exactly
+    for key, lower in approx.items():
+        assert float(vectors[int(key)] @ vectors[int(lower)]) >= threshold
+    # expected misses: sum of per-pair miss probabilities (each < 2e-4 here); allow one
+    bound = sum(
+        filters.lsh_miss_probability(float(vectors[int(k)] @ vectors[int(v)]), 40, 16)
+        for k, v in exact.items()
+    )
+    assert bound < 0.05 and len(set(exact) - set(approx)) <= 1
+    assert filters.lsh_miss_probability(0.96, 40, 16) < 1e-4
+    assert filters.lsh_miss_probability(0.5, 40, 16) > 0.9  # unrelated rows rarely collide

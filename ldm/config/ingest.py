@@ -1,6 +1,6 @@
 """Config of `ldm ingest`: download caption-image pairs, filter them, CLIP-score them, encode them.
 
-One frozen config per job (STYLE.md 5). Paths left as ``None`` default to the work directory's
+One frozen config per job. Paths left as ``None`` default to the work directory's
 layout (`ldm.contract.WorkDir`): the synthetic pairs file as input, ``data/`` as output, and the
 first-stage models that `ldm bootstrap` wrote. Stage resources are declared here and applied where
 the job calls ``map_batches`` (`pipelines.ingest`).
@@ -33,6 +33,26 @@ class DownloadConfig(ConfigBase):
     user_agent_token: str | None = None  # names this crawler in User-Agent and in X-Robots-Tag "token:" rules
 
 
+class ColumnPredicate(ConfigBase):
+    """A predicate on one input column (LAION's ``punsafe``, ``pwatermark``, ``similarity``, ...).
+
+    A row passes when its value is a number within [min, max] (either bound may be left out); a row
+    whose value is missing or not a number fails. Failing rows are rejected as ``column_filter``.
+    """
+
+    column: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> ColumnPredicate:
+        if self.min is None and self.max is None:
+            raise ValueError(f"filters.columns: {self.column!r} needs a min or a max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"filters.columns: {self.column!r} has min {self.min} > max {self.max}")
+        return self
+
+
 class FilterConfig(ConfigBase):
     """Row filters; sizes are checked on the *original* image, before any resize."""
 
@@ -48,6 +68,12 @@ class FilterConfig(ConfigBase):
     # Near-duplicates: a row whose CLIP image embedding has cosine >= this with a row of lower key is
     # rejected as near_duplicate (LAION deduplicated on CLIP embeddings). None: off.
     near_duplicate_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    # Candidates come from random-hyperplane LSH buckets (bands x bits per band), compared exactly
+    # inside each bucket; docs/DATA.md gives the chance of missing a pair (5e-5 at cosine 0.96).
+    near_duplicate_bands: int = Field(40, ge=1)
+    near_duplicate_band_bits: int = Field(16, ge=1, le=62)
+    # Predicates on input columns, checked before any download (``column_filter``).
+    columns: list[ColumnPredicate] = Field(default_factory=list)
 
 
 class StageResources(ConfigBase):
@@ -83,6 +109,16 @@ class IngestConfig(ConfigBase):
     score: StageResources = Field(default_factory=StageResources)
     encode: StageResources = Field(default_factory=StageResources)
     rows_per_file: int = Field(5000, ge=1)  # rows per latents/ Parquet file
+    # What latents/ holds for the caption: the text encoder's output and/or the tokenizer's ids.
+    # At SD size the embedding (77 x 768 fp16) is ~4x the latent: keep only the ids there.
+    store_text_embeddings: bool = True
+    store_input_ids: bool = True
+    # Deterministic fraction of the accepted rows (by key hash, `ldm.contract.holdout_split`) marked
+    # ``split = "holdout"``: training never reads them, evaluation may.
+    holdout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    # Input columns other than url and caption are carried into latents/ and rejects/ (a name that
+    # clashes with one of ours gets this prefix). False: drop them.
+    carry_columns: bool = True
     torch_threads: int = Field(2, ge=1)  # intra-op threads of each model actor
     num_cpus: int | None = None  # for a local Ray; None: all cores
     ray_address: str | None = None
@@ -93,6 +129,10 @@ class IngestConfig(ConfigBase):
     def _columns_differ(self) -> IngestConfig:
         if self.url_col == self.caption_col:
             raise ValueError(f"url_col and caption_col must differ, both are {self.url_col!r}")
+        if not (self.store_text_embeddings or self.store_input_ids):
+            raise ValueError(
+                "store_text_embeddings and store_input_ids are both false: nothing holds the caption"
+            )
         return self
 
     # --- resolved paths (the work directory's layout when left unset) -----------------------------
