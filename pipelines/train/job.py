@@ -26,7 +26,7 @@ import torch
 
 from ldm import storage
 from ldm.config.train import TrainConfig
-from ldm.contract import COL_LATENT, COL_TEXT_EMBEDDING, LATENTS_DIR, WorkDir
+from ldm.contract import COL_LATENT, COL_TEXT_EMBEDDING, LATENTS_DIR, WorkDir, train_rows
 from ldm.errors import DataError
 from pipelines.train.data import LatentsFacts, ray_batches, read_latents_facts
 from pipelines.train.export import export_checkpoint, register
@@ -156,8 +156,11 @@ def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> An
 
     cfg = args.cfg
     fs, latents_path = storage.filesystem(latents_uri)
-    dataset = ray.data.read_parquet(latents_path, filesystem=fs).select_columns(
-        [COL_LATENT, COL_TEXT_EMBEDDING]
+    # Hold-out rows (ingest's `split` column) are for `ldm eval` only: training never reads them.
+    dataset = (
+        ray.data.read_parquet(latents_path, filesystem=fs)
+        .map_batches(train_rows, batch_format="pyarrow")
+        .select_columns([COL_LATENT, COL_TEXT_EMBEDDING])
     )
     trainer = TorchTrainer(
         train_worker,

@@ -4,8 +4,6 @@ workers log into the same run (``pipelines/train/monitor.py``)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 from ldm import storage
 from ldm.config.train import TrainConfig
 from ldm.contract import MANIFEST_FILE
+from ldm.contract import read_manifest as load_manifest
 from pipelines.train.data import LatentsFacts
 from pipelines.train.monitor import FAILURES_TAG, TrackingCalls
 
@@ -26,10 +25,8 @@ def read_manifest(data_uri: str) -> tuple[str, str] | None:
     manifest_uri = storage.join(data_uri, MANIFEST_FILE)
     if not storage.exists(manifest_uri):
         return None
-    text = storage.read_bytes(manifest_uri).decode()
-    manifest = json.loads(text)
-    digest = str(manifest.get("dataset_digest") or hashlib.sha256(text.encode()).hexdigest())
-    return text, digest
+    manifest = load_manifest(manifest_uri)
+    return manifest.to_json(), manifest.dataset_digest
 
 
 class DriverTracking:
