@@ -41,14 +41,22 @@ SCALING_FACTOR = 1.25
 CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a large yellow star"]
 
 
+def _tiny_unet_config() -> UNetConfig:
+    return UNetConfig(
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
 # --- noise offset ---------------------------------------------------------------------------------
 
 
-def _noise_reaching_the_unet(noise_offset: float, batch: int = 512) -> torch.Tensor:
+def _noise_reaching_the_unet(noise_offset: float, batch: int = 256) -> torch.Tensor:
     """The noise inside x_t as the U-Net receives it, recovered from x_t of all-zero latents."""
-    from ldm.testing import tiny_components
-
-    unet = tiny_components()["unet"]
+    torch.manual_seed(0)
+    unet = build_unet(_tiny_unet_config(), sample_size=8, in_channels=4, cross_attention_dim=32).eval()
     seen: dict[str, torch.Tensor] = {}
 
     def record(_module, args, kwargs):
@@ -74,11 +82,12 @@ def test_noise_offset_spreads_the_per_channel_mean_of_the_noised_latents():
     # Per (sample, channel) the spatial mean of i.i.d. N(0, 1) noise over 8 x 8 has std 1/8; the offset
     # adds offset * N(0, 1) per (sample, channel): std sqrt(1/64 + offset^2).
     plain = _noise_reaching_the_unet(0.0).mean(dim=(2, 3))
-    offset = _noise_reaching_the_unet(0.5).mean(dim=(2, 3))
+    noise = _noise_reaching_the_unet(0.5)
+    offset = noise.mean(dim=(2, 3))
     assert plain.std().item() == pytest.approx(1 / 8, rel=0.1)
     assert offset.std().item() == pytest.approx((1 / 64 + 0.25) ** 0.5, rel=0.1)
     # the offset is constant over the image: the spread around each channel's mean is unchanged
-    residual = _noise_reaching_the_unet(0.5) - offset[:, :, None, None]
+    residual = noise - offset[:, :, None, None]
     assert residual.std().item() == pytest.approx(1.0, rel=0.05)
 
 
@@ -133,15 +142,6 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_fewer_activations():
 # --- through `ldm train` --------------------------------------------------------------------------
 
 
-def _tiny_unet_config() -> UNetConfig:
-    return UNetConfig(
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-
-
 def _write_workdir(root: Path, latents: np.ndarray) -> WorkDir:
     """Tiny first-stage models where bootstrap puts them and ``latents`` as ingest writes them."""
     from ldm.first_stage.autoencoder import save_autoencoder
@@ -185,7 +185,7 @@ def _tiny_cfg(work: WorkDir, **update) -> TrainConfig:
         "max_minutes": None,
         "warmup_steps": 0,
         "lr_schedule": "constant",
-        "log_every": 1,
+        "log_every": 10,
         "checkpoint_every": 1000,
         "sample_every": 1000,
         "sample_prompts": ["a red circle"],
@@ -243,7 +243,8 @@ def test_v_prediction_trains_exports_and_samples_end_to_end(tmp_path, ray_local)
     from ldm.pipeline import SCHEDULERS, generate, load_pipeline, make_scheduler
 
     level = 1.2  # the stored (unscaled) latent value; training sees level * SCALING_FACTOR
-    work = _write_workdir(tmp_path / "work", np.full((32, 4, 8, 8), level))
+    # 512 rows: the 60 steps stay inside one epoch (each new epoch re-reads the data, seconds each)
+    work = _write_workdir(tmp_path / "work", np.full((512, 4, 8, 8), level))
     cfg = _tiny_cfg(
         work,
         prediction_type="v_prediction",
