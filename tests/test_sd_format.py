@@ -1,0 +1,176 @@
+"""SD pipeline folders (SD 1.x and SD 2.x structure) in and out: architecture, schedule, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sd_fixtures import SD1_SCHEDULER, SD2_SCHEDULER, sd_folder_for_session
+
+from ldm.diffusion import SCHEDULE_SD_SCALED_LINEAR, training_target
+from ldm.sd_format import (
+    NoiseSchedule,
+    check_data_shapes,
+    export_sd_pipeline,
+    load_unet,
+    read_sd_folder,
+)
+
+EXPECTED_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
+EXPECTED_SCHEDULER = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def sd_folder(request, tmp_path_factory):
+    return request.param, sd_folder_for_session(tmp_path_factory, request.param)
+
+
+def test_fixture_loads_with_diffusers(sd_folder):
+    from diffusers import StableDiffusionPipeline
+
+    kind, folder = sd_folder
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    assert type(pipe.scheduler).__name__ == EXPECTED_SCHEDULER[kind]
+    assert pipe.scheduler.config.prediction_type == EXPECTED_PREDICTION[kind]
+    assert pipe.unet.config.use_linear_projection is (kind == "sd2")
+    assert pipe.unet.config.attention_head_dim == (4 if kind == "sd1" else [2, 4])
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_read_folder_gives_architecture_and_schedule(sd_folder):
+    kind, folder = sd_folder
+    source = read_sd_folder(folder)
+    on_disk = json.loads((folder / "unet" / "config.json").read_text())
+    assert source.unet_config == on_disk
+    assert source.scheduler_class == EXPECTED_SCHEDULER[kind]
+    assert source.schedule.prediction_type == EXPECTED_PREDICTION[kind]
+    assert (source.schedule.beta_start, source.schedule.beta_end) == (0.00085, 0.012)
+    assert source.schedule.beta_schedule == "scaled_linear"
+
+
+def test_load_unet_preserves_architecture_key_for_key(sd_folder):
+    _, folder = sd_folder
+    source = read_sd_folder(folder)
+    unet = load_unet(source)
+    for key, value in source.architecture.items():
+        loaded = unet.config[key]
+        assert (list(loaded) if isinstance(loaded, tuple) else loaded) == (
+            list(value) if isinstance(value, tuple) else value
+        ), key
+
+
+def test_from_scratch_keeps_config_and_reinitialises(sd_folder):
+    _, folder = sd_folder
+    source = read_sd_folder(folder)
+    pretrained = load_unet(source).state_dict()
+    scratch = load_unet(source, from_scratch=True, seed=1)
+    again = load_unet(source, from_scratch=True, seed=1)
+    public = lambda unet: {k: v for k, v in unet.config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(scratch) == public(load_unet(source))
+    assert scratch.state_dict().keys() == pretrained.keys()
+    weight = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert not torch.equal(scratch.state_dict()[weight], pretrained[weight])
+    assert torch.equal(scratch.state_dict()[weight], again.state_dict()[weight])  # seeded
+
+
+def test_schedule_builds_the_training_scheduler(sd_folder):
+    from diffusers import DDPMScheduler
+
+    kind, folder = sd_folder
+    schedule = read_sd_folder(folder).schedule
+    scheduler = schedule.make_scheduler()
+    reference = DDPMScheduler.from_config(SD1_SCHEDULER if kind == "sd1" else SD2_SCHEDULER)
+    assert torch.equal(scheduler.betas, reference.betas)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 900])
+    target = training_target(scheduler, latents, noise, timesteps, schedule.prediction_type)
+    assert torch.equal(target, noise) is (kind == "sd1")  # v-prediction's target is not the noise
+
+
+def test_default_schedule_is_the_house_schedule():
+    config = NoiseSchedule().scheduler_config()
+    assert {key: config[key] for key in SCHEDULE_SD_SCALED_LINEAR} == SCHEDULE_SD_SCALED_LINEAR
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prediction_type": "sample"}, "unknown prediction_type"),
+        ({"beta_schedule": "sigmoid"}, "unknown beta_schedule"),
+        ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ],
+)
+def test_unsupported_schedules_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.from_scheduler_config({**SD1_SCHEDULER, **change})
+
+
+def test_check_data_shapes(sd_folder):
+    _, folder = sd_folder
+    config = read_sd_folder(folder).unet_config
+    check_data_shapes(config, (4, 8, 8), 32)
+    with pytest.raises(ValueError, match="4-channel latents"):
+        check_data_shapes(config, (8, 8, 8), 32)
+    with pytest.raises(ValueError, match="32-wide text embeddings"):
+        check_data_shapes(config, (4, 8, 8), 64)
+    with pytest.raises(ValueError, match="not divisible"):
+        check_data_shapes(config, (4, 9, 8), 32)
+
+
+def test_not_a_pipeline_folder_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Stable Diffusion pipeline folder"):
+        read_sd_folder(tmp_path)
+
+
+def test_export_keeps_scheduler_and_carries_the_trained_unet(sd_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    kind, folder = sd_folder
+    source = read_sd_folder(folder)
+    unet = load_unet(source)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.01)  # "trained"
+    out = export_sd_pipeline(source, unet, tmp_path / "export")
+    assert not list((tmp_path / "export").rglob("*.bin"))
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, use_safetensors=True)
+    assert type(pipe.scheduler).__name__ == EXPECTED_SCHEDULER[kind]
+    assert pipe.scheduler.config.prediction_type == EXPECTED_PREDICTION[kind]
+    trained = unet.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in pipe.unet.state_dict().items())
+    source_vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert pipe.vae.config.scaling_factor == source_vae["scaling_factor"]
+    images = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_export_with_another_prediction_type(sd_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    kind, folder = sd_folder
+    source = read_sd_folder(folder)
+    schedule = NoiseSchedule(prediction_type="epsilon" if kind == "sd2" else "v_prediction")
+    out = export_sd_pipeline(source, load_unet(source), tmp_path / "export", schedule=schedule)
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, use_safetensors=True)
+    assert type(pipe.scheduler).__name__ == EXPECTED_SCHEDULER[kind]
+    assert pipe.scheduler.config.prediction_type == schedule.prediction_type
+
+
+def test_unet_config_can_state_an_sd2_architecture():
+    from ldm.unet import UNetConfig, build_unet
+
+    cfg = UNetConfig(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    unet = build_unet(cfg, sample_size=8, in_channels=4, cross_attention_dim=32)
+    assert list(unet.config.attention_head_dim) == [2, 4] and unet.config.use_linear_projection
+    assert isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    with pytest.raises(ValueError, match="attention_head_dim has 3 entries for 2 blocks"):
+        UNetConfig(**{**cfg.model_dump(), "attention_head_dim": (2, 4, 4)})
