@@ -156,7 +156,10 @@ def list_remote(uri: str) -> list[tuple[str, int, str]]:
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm"))
+    """Where ``materialize`` keeps remote folders: ``cache_dir``, else ``$LDM_CACHE``, else ~/.cache/ldm."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm")
 
 
 def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
+import s3_fixtures
 import torch
 from sd_fixtures import SD1_SCHEDULER, SD2_SCHEDULER, sd_folder_for_session
 
+from ldm import storage
 from ldm.diffusion import SCHEDULE_SD_SCALED_LINEAR, training_target
 from ldm.sd_format import (
     NoiseSchedule,
@@ -174,3 +177,54 @@ def test_unet_config_can_state_an_sd2_architecture():
     assert isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
     with pytest.raises(ValueError, match="attention_head_dim has 3 entries for 2 blocks"):
         UNetConfig(**{**cfg.model_dump(), "attention_head_dim": (2, 4, 4)})
+
+
+# --- s3:// folders (the moto server of tests/s3_fixtures.py) ------------------------------------------
+s3_endpoint = s3_fixtures.s3_endpoint
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, tmp_path):
+    import boto3
+
+    s3_fixtures.use_s3(monkeypatch, s3_endpoint, tmp_path / "cache")
+    name = f"sd-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def test_s3_folder_in_and_out(sd_folder, bucket, tmp_path):
+    from ldm.pipeline import generate, load_pipeline
+
+    kind, folder = sd_folder
+    uri = storage.upload_folder(folder, f"s3://{bucket}/models/{kind}")
+    source = read_sd_folder(uri)
+    assert source.local != folder and source.local.is_relative_to(tmp_path / "cache")
+    assert source.schedule.prediction_type == EXPECTED_PREDICTION[kind]
+    assert source.architecture == read_sd_folder(folder).architecture
+    assert read_sd_folder(uri).local == source.local  # unchanged objects: the cached copy
+
+    out = export_sd_pipeline(source, load_unet(source), f"s3://{bucket}/exports/{kind}")
+    loaded = load_pipeline(out)
+    assert type(loaded.pipe.scheduler).__name__ == EXPECTED_SCHEDULER[kind]
+    assert loaded.name == kind
+    assert generate(loaded.pipe, "a red circle", num_inference_steps=2, seed=0).images[0].size == (32, 32)
+
+
+def test_materialize_refetches_a_rewritten_folder(bucket, tmp_path):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "config.json").write_text('{"version": 1}')
+    uri = storage.upload_folder(tmp_path / "v1", f"s3://{bucket}/model")
+    first = storage.materialize(uri)
+    assert json.loads((first / "config.json").read_text()) == {"version": 1}
+    assert storage.materialize(uri) == first
+
+    (tmp_path / "v1" / "config.json").write_text('{"version": 2}')  # re-exported under the same prefix
+    storage.upload_folder(tmp_path / "v1", uri)
+    second = storage.materialize(uri)
+    assert second != first and json.loads((second / "config.json").read_text()) == {"version": 2}
+
+    single = storage.materialize(f"{uri}/config.json")  # one object: a folder holding that file
+    assert json.loads((single / "config.json").read_text()) == {"version": 2}
+    with pytest.raises(FileNotFoundError, match="nothing at"):
+        storage.materialize(f"s3://{bucket}/no/such/model")
