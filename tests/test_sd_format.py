@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 import s3_fixtures
@@ -20,6 +21,7 @@ from ldm.sd_format import (
     read_sd_folder,
 )
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPECTED_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
 EXPECTED_SCHEDULER = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}
 
@@ -228,3 +230,74 @@ def test_materialize_refetches_a_rewritten_folder(bucket, tmp_path):
     assert json.loads((single / "config.json").read_text()) == {"version": 2}
     with pytest.raises(FileNotFoundError, match="nothing at"):
         storage.materialize(f"s3://{bucket}/no/such/model")
+
+
+# --- the shipped SD 1.5 configs ----------------------------------------------------------------------
+def _sd_config_classes() -> dict[str, type]:
+    from ldm.config.eval import EvalConfig
+    from ldm.config.ingest import IngestConfig
+    from ldm.config.retrain import RetrainConfig
+    from ldm.config.serve import ServeConfig
+    from ldm.config.train import TrainConfig
+
+    return {
+        "ingest": IngestConfig,
+        "train-full": TrainConfig,
+        "train-lora": TrainConfig,
+        "eval": EvalConfig,
+        "serve": ServeConfig,
+        "retrain": RetrainConfig,
+    }
+
+
+def _validate_lora_section(tree: dict) -> dict:
+    """Validate ``lora`` with its own class and drop it while TrainConfig has no such section yet."""
+    from ldm.config.lora import LoraConfig
+    from ldm.config.train import TrainConfig
+
+    if "lora" in tree and "lora" not in TrainConfig.model_fields:
+        LoraConfig.model_validate(tree.pop("lora"))
+    return tree
+
+
+@pytest.mark.parametrize("job", list(_sd_config_classes()))
+def test_sd15_configs_validate(job):
+    import yaml
+
+    path = CONFIGS / f"sd15-{job}.yaml"
+    tree = yaml.safe_load(path.read_text())
+    cls = _sd_config_classes()[job]
+    if job.startswith("train"):
+        tree = _validate_lora_section(tree)
+    if job == "retrain":
+        tree["train"] = _validate_lora_section(tree["train"])
+    cfg = cls.model_validate(tree)
+    assert cfg.workdir == "./ldm-sd15"
+    sd_folder_uri = "s3://ldm-data/models/stable-diffusion-v1-5"
+    if job == "ingest":
+        assert cfg.autoencoder == cfg.text_encoder == sd_folder_uri and cfg.image_size == 512
+    if job.startswith("train"):
+        assert cfg.init_from == cfg.autoencoder == cfg.text_encoder == sd_folder_uri
+
+
+def test_sd15_lora_config_turns_lora_on():
+    import yaml
+
+    from ldm.config.lora import LoraConfig
+
+    tree = yaml.safe_load((CONFIGS / "sd15-train-lora.yaml").read_text())
+    assert LoraConfig.model_validate(tree["lora"]).enabled
+    assert "lora" not in yaml.safe_load((CONFIGS / "sd15-train-full.yaml").read_text())
+
+
+def test_k8s_job_configs_point_at_the_sd15_path():
+    import yaml
+
+    for job in ("ingest", "train"):
+        k8s = yaml.safe_load((CONFIGS.parent / "infra" / "k8s" / "configs" / f"{job}.yaml").read_text())
+        shipped = yaml.safe_load(
+            (CONFIGS / f"sd15-{job if job == 'ingest' else 'train-full'}.yaml").read_text()
+        )
+        for key in ("autoencoder", "text_encoder", "init_from", "image_size"):
+            if key in shipped:
+                assert k8s[key] == shipped[key], (job, key)
