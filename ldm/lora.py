@@ -27,9 +27,11 @@ from ldm import storage
 from ldm.config.lora import LoraConfig
 
 if TYPE_CHECKING:
-    from diffusers import UNet2DConditionModel
-
     from ldm.sd_format import NoiseSchedule, SDFolder
+
+# diffusers' UNet2DConditionModel: mypy does not see the torch.nn.Module and PeftAdapterMixin methods
+# through diffusers' untyped bases, so the adapter functions take it as Any.
+UNet2DConditionModel = Any
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
 LORA_DIR = "lora"  # where an export keeps the adapter, beside the fused pipeline's components

@@ -20,7 +20,7 @@ from ldm.lora import (
 )
 from ldm.sd_format import load_unet, read_sd_folder
 
-RANK, ALPHA = 4, 8.0  # alpha != rank: a loader that dropped alpha would scale the adapter wrongly
+RANK, ALPHA = 4, 8  # alpha != rank: a loader that dropped alpha would scale the adapter wrongly
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -35,10 +35,8 @@ def _base_key(name: str) -> str:
 def test_config_section():
     assert not LoraConfig().enabled
     cfg = load_config(LoraConfig, sets=["rank=4", "alpha=8", "dropout=0.1"])
-    assert (
-        cfg.enabled and cfg.lora_alpha == 8.0 and cfg.target_modules == ("to_k", "to_q", "to_v", "to_out.0")
-    )
-    assert LoraConfig(rank=16).lora_alpha == 16.0
+    assert cfg.enabled and cfg.lora_alpha == 8 and cfg.target_modules == ("to_k", "to_q", "to_v", "to_out.0")
+    assert LoraConfig(rank=16).lora_alpha == 16
     with pytest.raises(ValueError):
         LoraConfig(rank=0)
     with pytest.raises(ValueError):

@@ -16,7 +16,7 @@ LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 
 class LoraConfig(ConfigBase):
     rank: int | None = Field(None, ge=1)  # None: no adapter, the whole U-Net trains
-    alpha: float | None = Field(None, gt=0)  # the adapter's output is scaled by alpha / rank; None: = rank
+    alpha: int | None = Field(None, ge=1)  # the adapter's output is scaled by alpha / rank; None: = rank
     target_modules: tuple[str, ...] = Field(LORA_TARGET_MODULES, min_length=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -25,5 +25,5 @@ class LoraConfig(ConfigBase):
         return self.rank is not None
 
     @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha if self.alpha is not None else (self.rank or 1))
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else (self.rank or 1)
