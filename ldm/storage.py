@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -110,35 +112,119 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _s3_client():
+    """A boto3 S3 client with the same endpoint, region and credentials as ``s3_filesystem``.
+
+    pyarrow's FileInfo has no ETag; the listing that keys the model cache comes from boto3 (a
+    dependency already), the copies from pyarrow.
+    """
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
+
+
+def list_remote(uri: str) -> list[tuple[str, int, str]]:
+    """(key relative to ``uri``, size, ETag) of every object under the ``s3://`` prefix ``uri``, sorted.
+
+    A prefix that names one object lists that object with the relative key being its file name.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    prefix = prefix.rstrip("/")
+    folder = prefix + "/" if prefix else ""
+    client = _s3_client()
+    listing: list[tuple[str, int, str]] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+            for item in page.get("Contents", []):
+                key = item["Key"][len(folder) :]
+                if key and not key.endswith("/"):
+                    listing.append((key, int(item["Size"]), str(item["ETag"]).strip('"')))
+        if not listing and prefix:
+            head = client.head_object(Bucket=bucket, Key=prefix)
+            listing.append(
+                (prefix.rsplit("/", 1)[-1], int(head["ContentLength"]), str(head["ETag"]).strip('"'))
+            )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NoSuchBucket"):
+            return []
+        raise
+    return sorted(listing)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``materialize`` keeps remote folders: ``cache_dir``, else ``$LDM_CACHE``, else ~/.cache/ldm."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm")
+
+
 def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local folder holding the contents of ``uri`` (copied once from S3 into a cache)."""
+    """A local folder holding the contents of ``uri`` (copied from S3 into a cache when remote).
+
+    The cache entry is keyed by the endpoint, the URI and every object's key, size and ETag: a folder
+    rewritten in place (a re-exported model under the same prefix) is fetched again, an unchanged one
+    costs one listing. The copy goes to a temporary folder renamed into place, so concurrent workers
+    materializing the same model never see a half-written folder.
+    """
     uri = str(uri)
     if not is_remote(uri):
         path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
         if not path.exists():
             raise FileNotFoundError(f"no such model or data path: {path}")
         return path
-    cache_root = Path(cache_dir or os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm"))
-    # the endpoint is part of the cache key: the same bucket name on another server is other data
+    listing = list_remote(uri)
+    if not listing:
+        raise FileNotFoundError(f"nothing at {uri}")
+    # the endpoint is part of the key: the same bucket name on another server is other data
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    local = cache_root / hashlib.sha256(f"{endpoint}\n{uri}".encode()).hexdigest()[:16]
-    marker = local / ".complete"
-    if marker.exists():
+    digest = hashlib.sha256(f"{endpoint}\n{uri.rstrip('/')}\n{listing}".encode()).hexdigest()[:16]
+    local = cache_root(cache_dir) / digest
+    if local.is_dir():
         return local
+    local.parent.mkdir(parents=True, exist_ok=True)
     fs, prefix = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
-    files = [info for info in infos if info.type == pafs.FileType.File]
-    if not files:
-        single = fs.get_file_info(prefix)
-        if single.type != pafs.FileType.File:
-            raise FileNotFoundError(f"nothing at {uri}")
-        files = [single]
-        prefix = prefix.rsplit("/", 1)[0]
-    for info in files:
-        target = local / info.path[len(prefix) :].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(
-            info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-    marker.touch()
+    single = len(listing) == 1 and fs.get_file_info(prefix).type == pafs.FileType.File
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=local.parent))
+    try:
+        for key, _, _ in listing:
+            target = tmp / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(
+                prefix if single else f"{prefix}/{key}",
+                str(target),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        try:
+            tmp.rename(local)
+        except OSError:
+            if not local.is_dir():  # not another process's copy landing first: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+def upload_folder(local: str | os.PathLike, uri: str | os.PathLike) -> str:
+    """Copy the local folder ``local`` to ``uri`` (an ``s3://`` prefix or a local folder); returns ``uri``."""
+    local, uri = Path(local), str(uri)
+    if not local.is_dir():
+        raise FileNotFoundError(f"no such folder: {local}")
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        if Path(path).resolve() == local.resolve():
+            return uri
+        shutil.copytree(local, path, dirs_exist_ok=True)
+        return uri
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        pafs.copy_files(
+            str(file),
+            f"{path}/{file.relative_to(local).as_posix()}",
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
+    return uri

@@ -6,6 +6,10 @@ metadata) and are passed to ``build_unet``. The weights are saved with the model
 ``save_pretrained`` (config.json + safetensors), so a checkpoint or an exported pipeline reloads
 without this module.
 
+A pretrained Stable Diffusion folder is not described by ``UNetConfig``: its U-Net's own diffusers
+config is the architecture (``ldm/sd_format.py``). ``UNetConfig`` can still state an SD 2.x-style
+architecture from scratch (per-block head counts, linear projections).
+
 Default (the CPU demo, TRAPS.md): for 16x16 latents the three blocks run at 16x16, 8x8 and 4x4; only
 the 8x8 block and the 4x4 mid block have cross-attention. Self-attention at 16x16 roughly doubles the
 step time, and the 4x4 block is where it would be cheapest but gains least. About 5.6M parameters,
@@ -14,11 +18,14 @@ step time, and the 4x4 block is where it would be cheapest but gains least. Abou
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import model_validator
 
 from ldm.config.base import ConfigBase
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 DownBlock = Literal["DownBlock2D", "CrossAttnDownBlock2D"]
 UpBlock = Literal["UpBlock2D", "CrossAttnUpBlock2D"]
@@ -36,7 +43,11 @@ class UNetConfig(ConfigBase):
     up_block_types: tuple[UpBlock, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     mid_block_cross_attention: bool = True
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    # One head count for every block (SD 1.x) or one per down block (SD 2.x: e.g. (5, 10, 20, 20)).
+    # diffusers calls the number of heads attention_head_dim; the name is kept for the config's sake.
+    attention_head_dim: int | tuple[int, ...] = 8
+    use_linear_projection: bool = False  # SD 2.x projects into the transformer blocks with Linear
+    upcast_attention: bool = False  # SD 2.1 computes attention scores in float32
     norm_num_groups: int = 32
 
     @model_validator(mode="after")
@@ -47,6 +58,9 @@ class UNetConfig(ConfigBase):
                 f"block_out_channels has {levels} levels but down_block_types has "
                 f"{len(self.down_block_types)} and up_block_types {len(self.up_block_types)}"
             )
+        heads = self.attention_head_dim
+        if isinstance(heads, tuple) and len(heads) != levels:
+            raise ValueError(f"attention_head_dim has {len(heads)} entries for {levels} blocks")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(
@@ -55,7 +69,9 @@ class UNetConfig(ConfigBase):
         return self
 
 
-def build_unet(cfg: UNetConfig, sample_size: int, in_channels: int, cross_attention_dim: int):
+def build_unet(
+    cfg: UNetConfig, sample_size: int, in_channels: int, cross_attention_dim: int
+) -> UNet2DConditionModel:
     """A freshly initialised ``UNet2DConditionModel`` for latents [in_channels, sample_size, sample_size]
     conditioned on text embeddings of width ``cross_attention_dim``."""
     from diffusers import UNet2DConditionModel
@@ -73,6 +89,8 @@ def build_unet(cfg: UNetConfig, sample_size: int, in_channels: int, cross_attent
         mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_block_cross_attention else None,
         layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_head_dim,
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
     )

@@ -9,7 +9,6 @@ holds a wrong one on purpose, so the test fails if any stage ignores the config.
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from collections import Counter
 
@@ -18,30 +17,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import s3_fixtures
 from ingest_fixtures import SCALING_FACTOR, Route, ScriptedServer, encoded, picture, write_tiny_models
 
 from ldm.config.ingest import DownloadConfig, FilterConfig, IngestConfig, StageResources
 from ldm.contract import COL_LATENT, LATENTS_DIR, META_SCALING_FACTOR, REJECTS_DIR, read_manifest
 from pipelines import filters
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+s3_endpoint = s3_fixtures.s3_endpoint  # the shared moto server fixture
 
 
 def _s3(endpoint: str) -> pafs.S3FileSystem:
