@@ -36,7 +36,8 @@ from ldm.synth import (
 )
 from ldm.synth.grammar import all_captions
 from ldm.synth.server import ImageServer
-from ldm.synth.source import EXPECTED_REASON, FAULTS, read_truth, render_source, run_synth, write_pairs
+from ldm.synth.source import EXPECTED_REASON, FAULTS, read_truth, render_source, write_pairs
+from pipelines.synth import run_synth
 
 
 def test_vocabulary_covers_the_contract():
