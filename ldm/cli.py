@@ -13,7 +13,6 @@ cluster commands live in `ldm.cli_cluster` (docs/DEVELOPING.md states the import
 from __future__ import annotations
 
 import json
-import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -22,11 +21,11 @@ from typing import Annotated
 import typer
 
 from ldm.cli_cluster import jobs_app, submit
-from ldm.cli_common import ConfigOpt, SetOpt, UserError, WorkdirOpt
+from ldm.cli_common import ConfigOpt, SetOpt, UserError, WorkdirOpt, require_local
 from ldm.cli_common import load as _load
 from ldm.cli_common import run as _run
 from ldm.cli_common import save_config as _save_config
-from ldm.runtime import OFFLINE_DEFAULTS
+from ldm.runtime import offline_env
 
 app = typer.Typer(
     add_completion=False,
@@ -37,8 +36,7 @@ app = typer.Typer(
 # Offline by default (ldm.runtime.OFFLINE_DEFAULTS says why each); a value the user set wins.
 # OMP_WAIT_POLICY must be in the environment before torch is imported: measured here, spinning
 # OpenMP threads took an autoencoder step from 0.5-0.7 s to 2.3-3.2 s on shared cores.
-for _name, _value in OFFLINE_DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
+offline_env()
 
 
 class Scheduler(StrEnum):
@@ -115,6 +113,7 @@ def ingest(
         cfg = _load(
             IngestConfig, config, set_, workdir=workdir, input=input, output=output, allow_hosts=allow_host
         )
+        require_local("--input", cfg.input_uri)
         _save_config(cfg, "ingest")
         typer.echo(json.dumps(run_ingest(cfg), indent=2, default=str))
 
@@ -137,6 +136,7 @@ def train(
         from pipelines.train import run_train
 
         cfg = _load(TrainConfig, config, set_, workdir=workdir, data=data)
+        require_local("--data", cfg.data)
         _save_config(cfg, "train")
         typer.echo(json.dumps(run_train(cfg), indent=2, default=str))
 
@@ -296,6 +296,7 @@ def retrain(
         cfg = _load(
             RetrainConfig, config, set_, workdir=workdir, source=source, root=root, **{"eval.floor": floor}
         )
+        require_local("--source", cfg.source_uri)
         _save_config(cfg, "retrain")
         typer.echo(json.dumps(run_retrain(cfg), indent=2, default=str))
 

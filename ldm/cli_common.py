@@ -47,6 +47,7 @@ class UserError(Exception):
 
 def load(cls: type[T], config: Path | None, sets: list[str] | None, **overrides: Any) -> T:
     """The job's config from defaults, ``--config``, flags and ``--set``; a bad one is a `UserError`."""
+    import yaml
     from pydantic import ValidationError
 
     from ldm.config import load_config
@@ -60,7 +61,7 @@ def load(cls: type[T], config: Path | None, sets: list[str] | None, **overrides:
             f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
         )
         raise UserError(f"invalid {cls.__name__}: {problems}") from error
-    except (OSError, ValueError) as error:  # unreadable file, YAML syntax, malformed --set
+    except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable file, YAML syntax, bad --set
         raise UserError(f"{config or '--set'}: {' '.join(str(error).split())}") from error
 
 
@@ -77,7 +78,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from ldm.errors import LdmError
 
-    return (UserError, LdmError, FileNotFoundError, NotADirectoryError, MlflowException, ConnectionError)
+    # LookupError: `ldm.registry` raises it for an unknown model or alias (its subclasses KeyError and
+    # IndexError are bugs, see `run`).
+    return (UserError, LdmError, FileNotFoundError, NotADirectoryError, MlflowException, ConnectionError,
+            LookupError)  # fmt: skip
+
+
+def require_local(flag: str, uri: str | None) -> None:
+    """Fail early, before Ray starts, when a local input named by ``flag`` does not exist."""
+    if uri and "://" not in uri and not Path(uri).exists():
+        raise UserError(f"{flag} {uri}: no such file or folder")
 
 
 def run(fn: Callable[..., T], *args: Any) -> T:
@@ -85,7 +95,7 @@ def run(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     except _user_errors() as error:
-        if os.environ.get("LDM_TRACEBACK"):
+        if isinstance(error, KeyError | IndexError) or os.environ.get("LDM_TRACEBACK"):
             raise
         message = " ".join(str(error).split()) or type(error).__name__
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)

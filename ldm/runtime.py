@@ -17,15 +17,20 @@ OFFLINE_DEFAULTS = {
 }
 
 
+def offline_env() -> dict[str, str]:
+    """The offline defaults, set in this process where the user has not set them; returns the values.
+
+    A value the user set wins (``HF_HUB_OFFLINE=0`` to reach the hub on purpose, say).
+    """
+    return {name: os.environ.setdefault(name, default) for name, default in OFFLINE_DEFAULTS.items()}
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    # The offline defaults, for this process and every Ray worker; a value the user set wins
-    # (HF_HUB_OFFLINE=0 to reach the hub on purpose, say).
-    env = {name: os.environ.setdefault(name, default) for name, default in OFFLINE_DEFAULTS.items()}
-    runtime_env = {"env_vars": env}
+    runtime_env = {"env_vars": offline_env()}  # the same for every Ray worker
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
     if address is None or address == "local":
