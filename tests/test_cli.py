@@ -323,3 +323,45 @@ def test_environment_the_user_set_is_respected():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert default.stdout.split() == ["1", "1", "1"]
+
+
+# --- dependencies ---------------------------------------------------------------------------------
+def _third_party_imports() -> set[str]:
+    sources = [path.read_text() for path in _modules().values()]
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        code = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+        sources.append(
+            "\n".join(
+                line for c in code for line in c.splitlines() if not line.lstrip().startswith(("%", "!"))
+            )
+        )
+    names: set[str] = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in PACKAGES}
+
+
+def test_every_import_of_the_packages_and_notebooks_is_a_declared_dependency():
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {canonical(re.split(r"[<>=!~\[; ]", dep)[0]) for dep in project["dependencies"]}
+    distributions = packages_distributions()
+    imports = _third_party_imports()
+    assert {"torch", "ray", "mlflow", "pandas"} <= imports  # the walk sees the code and the notebooks
+    undeclared = {
+        name: distributions.get(name)
+        for name in imports
+        if not {canonical(d) for d in distributions.get(name, [])} & declared
+    }
+    assert not undeclared, f"imported but not in pyproject.toml's dependencies: {undeclared}"
