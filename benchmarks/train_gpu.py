@@ -421,9 +421,9 @@ def clips(args) -> None:
     other caption (the bootstrap's gate), one attribute changed, the shape alone changed."""
     from ldm.config.bootstrap import BootstrapConfig, ClipConfig
     from ldm.first_stage import clip
-    from ldm.synth.source import HELDOUT_SEED_OFFSET, mismatched_captions
-    from ldm.synth.grammar import hard_negatives
+    from ldm.synth.negatives import hard_negatives
     from ldm.synth.render import render_batch
+    from ldm.synth.source import HELDOUT_SEED_OFFSET, mismatched_captions
 
     device = pick_device()
     out = Path(args.out)

@@ -36,7 +36,7 @@ from ldm.first_stage import autoencoder as ae
 from ldm.first_stage import clip
 from ldm.first_stage import text_encoder as te
 from ldm.progress import Progress
-from ldm.synth.grammar import hard_negatives
+from ldm.synth.negatives import hard_negatives
 from ldm.synth.render import render_batch
 from ldm.synth.source import HELDOUT_SEED_OFFSET, mismatched_captions
 

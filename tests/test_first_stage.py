@@ -22,9 +22,9 @@ from ldm.contract import WorkDir
 from ldm.first_stage import autoencoder as ae
 from ldm.first_stage import clip
 from ldm.first_stage import text_encoder as te
-from pipelines.bootstrap import BootstrapGateError, run_bootstrap
 from ldm.storage import write_bytes
 from ldm.synth.render import render_batch
+from pipelines.bootstrap import BootstrapGateError, run_bootstrap
 
 torch.set_num_threads(1)  # tiny models: a second thread buys little and suffers most when cores are shared
 

@@ -53,12 +53,8 @@ def _client_env(token: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A token-protected Ray head on 127.0.0.1; yields (dashboard address, token)."""
-    token = secrets.token_hex(32)
-    # Ray's socket paths must stay under ~107 characters: a short private temp dir, not tmp_path.
-    temp_dir = tempfile.mkdtemp(prefix="ldmray-")
+def _start_head(token: str, temp_dir: str) -> tuple[subprocess.Popen, str, object]:
+    """`ray start --head --block` on fresh ports; returns (process, dashboard address, log file)."""
     dashboard_port = _free_port()
     ports = {
         "--port": _free_port(),
@@ -72,33 +68,60 @@ def ray_head():
     command = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats"]
     command += ["--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir]
     command += [str(item) for pair in ports.items() for item in pair]
-    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - closed below
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - closed by the fixture
     head = subprocess.Popen(
         command, env=_client_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    address = f"http://127.0.0.1:{dashboard_port}"
+    return head, f"http://127.0.0.1:{dashboard_port}", log
+
+
+def _stop(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGTERM)  # exactly the group this test started
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                # Any answer means the dashboard is up; without a token it must be a 401.
-                if requests.get(f"{address}/api/version", timeout=2).status_code == 401:
-                    break
-            except requests.ConnectionError:
-                pass
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not come up:\n{(Path(temp_dir) / 'head.log').read_text()}")
-            time.sleep(1)
-        yield address, token
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # exactly the group this test started
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def _up(head: subprocess.Popen, address: str, temp_dir: str) -> bool:
+    """Wait until the head is fully started: the dashboard answers (401 without a token) and
+    `ray start` has printed "Ray runtime started" (the dashboard can answer before the node has
+    registered, and a node that registers too slowly on busy cores makes `ray start` give up)."""
+    deadline = time.monotonic() + 120
+    while head.poll() is None and time.monotonic() < deadline:
         try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            dashboard = requests.get(f"{address}/api/version", timeout=2).status_code == 401
+        except requests.ConnectionError:
+            dashboard = False
+        if dashboard and "Ray runtime started" in (Path(temp_dir) / "head.log").read_text(errors="replace"):
+            return True
+        time.sleep(1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A token-protected Ray head on 127.0.0.1; yields (dashboard address, token).
+
+    On two busy cores `ray start` sometimes gives up after its fixed 30 s wait for the raylet; the
+    fixture then tries once more with fresh ports before it fails.
+    """
+    token = secrets.token_hex(32)
+    for attempt in range(2):
+        # Ray's socket paths must stay under ~107 characters: a short private temp dir, not tmp_path.
+        temp_dir = tempfile.mkdtemp(prefix="ldmray-")
+        head, address, log = _start_head(token, temp_dir)
+        try:
+            if _up(head, address, temp_dir):
+                yield address, token
+                return
+            if attempt == 1:
+                raise RuntimeError(f"ray head did not come up:\n{(Path(temp_dir) / 'head.log').read_text()}")
+        finally:
+            _stop(head)
+            log.close()  # type: ignore[attr-defined]
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ldm(*args: str, token: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

@@ -290,7 +290,8 @@ def test_run_synth_writes_pairs_into_the_workdir(tmp_path):
 
 
 def test_hard_negatives_are_false_of_their_scenes_and_one_attribute_away():
-    from ldm.synth.grammar import hard_negatives, sample_scene
+    from ldm.synth.grammar import sample_scene
+    from ldm.synth.negatives import hard_negatives
 
     rng = np.random.default_rng(5)
     for _ in range(300):
