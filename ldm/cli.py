@@ -212,7 +212,7 @@ def generate(
                 guidance_scale=guidance,
                 seed=seed,
                 num_images=num_images,
-                scheduler=scheduler,
+                scheduler=scheduler.value,
             )
         except (ValueError, FileNotFoundError) as error:
             raise UserError(str(error)) from error

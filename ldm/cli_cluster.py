@@ -60,7 +60,7 @@ def submit(
     def job_fn() -> None:
         from pipelines import submit as jobs_api
 
-        cfg = load(jobs_api.config_class(job.value), config, set_, workdir=workdir)
+        cfg: Any = load(jobs_api.config_class(job.value), config, set_, workdir=workdir)
         env_vars = {}
         for item in env or []:
             if "=" not in item:
@@ -106,7 +106,12 @@ def _jobs(address: str, action: Callable[[Any], Any]) -> None:
 @jobs_app.command("list")
 def jobs_list(address: AddressOpt) -> None:
     """All jobs of the cluster, newest last."""
-    _jobs(address, lambda api: [typer.echo(json.dumps(info, default=str)) for info in api.list_jobs(address)])
+
+    def action(api: Any) -> None:
+        for info in api.list_jobs(address):
+            typer.echo(json.dumps(info, default=str))
+
+    _jobs(address, action)
 
 
 @jobs_app.command("status")

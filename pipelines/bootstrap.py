@@ -130,7 +130,7 @@ def _train_autoencoder(cfg: BootstrapConfig, images: np.ndarray, log) -> tuple[A
     losses = ae.train_autoencoder(vae, images, cfg.autoencoder, seed=cfg.seed, log=log)
     seconds = time.perf_counter() - started
     scaling_factor = ae.latent_scaling_factor(vae, images[: cfg.autoencoder.scaling_images])
-    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.register_to_config(scaling_factor=scaling_factor)  # type: ignore[attr-defined]  # ConfigMixin, untyped
     held_images, _, _ = render_batch(cfg.autoencoder.eval_images, cfg.seed + HELDOUT_SEED_OFFSET + 1)
     psnr = ae.reconstruction_psnr(vae, held_images)
     log(
@@ -168,7 +168,7 @@ class _Stage:
     targets: dict[str, Path]  # staged subfolder -> final folder; the first one holds metrics.json
     digest: str
     train: Callable[[], tuple[Any, dict[str, Any]]]  # -> (model, metrics)
-    save: Callable[[Any, Path], None]  # (model, staging folder)
+    save: Callable[[Any, Path], object]  # (model, staging folder)
     retrain: bool = False  # train even when a matching model is on disk
 
 
@@ -192,7 +192,8 @@ def _stages(cfg: BootstrapConfig, workdir: WorkDir, training_set, log) -> list[_
     trained: dict[str, Any] = {}
 
     def train_clip() -> tuple[Any, dict]:
-        bundle, metrics = _train_clip(cfg, *training_set(), log)
+        images, captions = training_set()
+        bundle, metrics = _train_clip(cfg, images, captions, log)
         trained["clip"] = bundle
         return bundle, metrics | {"config": cfg.clip.to_dict()}
 
@@ -222,7 +223,7 @@ def _stages(cfg: BootstrapConfig, workdir: WorkDir, training_set, log) -> list[_
             {te.TEXT_ENCODER_DIR: workdir.text_encoder, te.TOKENIZER_DIR: workdir.tokenizer},
             clip_digest,
             convert_text_tower,
-            lambda pair, out: _save_text_encoder(*pair, out),
+            lambda pair, out: _save_text_encoder(pair[0], pair[1], out),
         ),
         _Stage(
             "autoencoder",

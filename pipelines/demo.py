@@ -48,7 +48,7 @@ def _call_endpoint(base_url: str, prompts: list[str], cfg: DemoConfig) -> list:
     import requests
     from PIL import Image
 
-    images = []
+    images: list[Any] = []
     for prompt in prompts:
         response = requests.post(
             f"{base_url}/v1/generate",
@@ -80,7 +80,7 @@ def _label_grid(images: list, prompts: list[str], per_row: int):
     for row, prompt in enumerate(prompts):
         draw.text((6, row * size * scale + size * scale // 2 - 6), prompt, fill="black")
         for col in range(per_row):
-            image = images[row * per_row + col].resize((size * scale, size * scale), Image.NEAREST)
+            image = images[row * per_row + col].resize((size * scale, size * scale), Image.Resampling.NEAREST)
             grid.paste(image, (label_width + col * size * scale, row * size * scale))
     return grid
 
