@@ -168,7 +168,7 @@ def test_submit_ingest_and_train_to_a_token_protected_head(ray_head, tmp_path):
         command = manifest_entrypoint.replace("/etc/ldm/ingest.yaml", str(ingest_yaml))
         done = _run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "t-ingest", "--",
-             *command.split()], token=token,
+             *command.split()], token=token, timeout=900,
         )  # fmt: skip
     outputs += [done.stdout, done.stderr]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
