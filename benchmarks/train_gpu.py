@@ -364,9 +364,9 @@ def clips(args) -> None:
     other caption (the bootstrap's gate), one attribute changed, the shape alone changed."""
     from ldm.config.bootstrap import BootstrapConfig, ClipConfig
     from ldm.first_stage import clip
-    from ldm.first_stage.bootstrap import HELDOUT_SEED_OFFSET, _mismatched_captions
-    from ldm.synth.grammar import hard_negatives
+    from ldm.synth.negatives import hard_negatives
     from ldm.synth.render import render_batch
+    from ldm.synth.source import HELDOUT_SEED_OFFSET, mismatched_captions
 
     device = pick_device()
     out = Path(args.out)
@@ -375,7 +375,7 @@ def clips(args) -> None:
     held, held_captions, held_scenes = render_batch(512, seed=HELDOUT_SEED_OFFSET)
     rng = np.random.default_rng(0)
     negatives = {
-        "random": _mismatched_captions(held_scenes, 0),
+        "random": mismatched_captions(held_scenes, 0),
         "one_attribute": [str(rng.choice(hard_negatives(c))) for c in held_captions],
         "shape_only": [shape_edit(c) for c in held_captions],
     }

@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import os
 
+OFFLINE_DEFAULTS = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations phones home on import otherwise
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",  # nothing downloads weights at run time
+    "OMP_WAIT_POLICY": "PASSIVE",  # spinning OpenMP threads collapse throughput on shared cores
+}
+
+
+def offline_env() -> dict[str, str]:
+    """The offline defaults, set in this process where the user has not set them; returns the values.
+
+    A value the user set wins (``HF_HUB_OFFLINE=0`` to reach the hub on purpose, say).
+    """
+    return {name: os.environ.setdefault(name, default) for name, default in OFFLINE_DEFAULTS.items()}
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env = {
-        "NO_ALBUMENTATIONS_UPDATE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-    }
-    os.environ.update(env)
-    runtime_env = {"env_vars": env}
+    runtime_env = {"env_vars": offline_env()}  # the same for every Ray worker
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
     if address is None or address == "local":

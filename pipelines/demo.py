@@ -4,6 +4,9 @@ A short recipe over the same job functions the CLI runs one by one: render the s
 serve it on 127.0.0.1, bootstrap the first-stage models, ingest over real HTTP, train on Ray Train,
 register and evaluate, serve with Ray Serve, and call the endpoint for a few prompts. Each stage
 prints its progress and its wall time; the summary at the end says where everything is.
+
+The demo reaches the server only over HTTP and through the two functions the caller hands it
+(`ldm.cli` passes `serve.app.run_serve`/`shutdown_serve`): `pipelines` never imports `serve`.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ldm.config.demo import DemoConfig
+from ldm.config.serve import ServeConfig
 from ldm.contract import Manifest, WorkDir
 
 T = TypeVar("T")
+StartServer = Callable[[ServeConfig], str]  # deploys the app, returns its base URL without blocking
+StopServer = Callable[[], None]
 
 
 class StageClock:
@@ -42,7 +48,7 @@ def _call_endpoint(base_url: str, prompts: list[str], cfg: DemoConfig) -> list:
     import requests
     from PIL import Image
 
-    images = []
+    images: list[Any] = []
     for prompt in prompts:
         response = requests.post(
             f"{base_url}/v1/generate",
@@ -74,22 +80,21 @@ def _label_grid(images: list, prompts: list[str], per_row: int):
     for row, prompt in enumerate(prompts):
         draw.text((6, row * size * scale + size * scale // 2 - 6), prompt, fill="black")
         for col in range(per_row):
-            image = images[row * per_row + col].resize((size * scale, size * scale), Image.NEAREST)
+            image = images[row * per_row + col].resize((size * scale, size * scale), Image.Resampling.NEAREST)
             grid.paste(image, (label_width + col * size * scale, row * size * scale))
     return grid
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, start_server: StartServer, stop_server: StopServer) -> dict[str, Any]:
     from ldm import tracking
-    from ldm.first_stage.bootstrap import run_bootstrap
     from ldm.registry import set_alias
     from ldm.runtime import ensure_ray
     from ldm.synth.server import ImageServer
     from ldm.synth.source import render_source, write_pairs
+    from pipelines.bootstrap import run_bootstrap
     from pipelines.eval import run_eval
     from pipelines.ingest import run_ingest
     from pipelines.train import run_train
-    from serve.app import run_serve, shutdown_serve
 
     work = WorkDir(cfg.workdir)
     work.root.mkdir(parents=True, exist_ok=True)
@@ -123,14 +128,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     summary["eval"] = clock.run("eval: prompt adherence, champion alias", evaluate)
 
     def serve_and_call() -> dict[str, Any]:
-        base_url = run_serve(sub.serve, block=False)
+        base_url = start_server(sub.serve)
         try:
             import requests
 
             health = requests.get(f"{base_url}/healthz", timeout=60).json()
             images = _call_endpoint(base_url, list(cfg.prompts), cfg)
         finally:
-            shutdown_serve()
+            stop_server()
         work.outputs.mkdir(parents=True, exist_ok=True)
         grid_path = work.outputs / "demo_grid.png"
         _label_grid(images, list(cfg.prompts), cfg.images_per_prompt).save(grid_path)

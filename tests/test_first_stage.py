@@ -22,9 +22,9 @@ from ldm.contract import WorkDir
 from ldm.first_stage import autoencoder as ae
 from ldm.first_stage import clip
 from ldm.first_stage import text_encoder as te
-from ldm.first_stage.bootstrap import BootstrapGateError, run_bootstrap
 from ldm.storage import write_bytes
 from ldm.synth.render import render_batch
+from pipelines.bootstrap import BootstrapGateError, run_bootstrap
 
 torch.set_num_threads(1)  # tiny models: a second thread buys little and suffers most when cores are shared
 
@@ -260,6 +260,7 @@ def test_autoencoder_training_lowers_the_loss(renders):
 
 
 # --- bootstrap job --------------------------------------------------------------------------------
+@pytest.mark.slow  # four bootstraps and their MLflow runs: ~90 s on 2 busy cores
 def test_bootstrap_writes_reuses_and_gates(tmp_path):
     cfg = BootstrapConfig(workdir=str(tmp_path / "work"), num_train_images=64, clip=TINY_CLIP, autoencoder=TINY_AE,
                           min_clip_auc=0.0, min_psnr_db=0.0, threads=1)  # fmt: skip
@@ -303,3 +304,22 @@ def test_bootstrap_writes_reuses_and_gates(tmp_path):
     changed = cfg.model_copy(update={"autoencoder": TINY_AE.model_copy(update={"steps": 5})})
     third = run_bootstrap(changed, log=lambda _: None)
     assert third["autoencoder"]["trained"] and not third["clip"]["trained"]
+
+    # every bootstrap is an MLflow run: gate figures, gate verdicts, the reconstruction grid
+    from mlflow import MlflowClient
+
+    from ldm import tracking
+
+    tracking.configure(work.root)
+    client = MlflowClient()
+    runs = client.search_runs(
+        [client.get_experiment_by_name("bootstrap").experiment_id], order_by=["attributes.start_time ASC"]
+    )
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED", "FAILED", "FINISHED"]
+    first, failed = runs[0], runs[2]
+    assert first.data.metrics["clip.roc_auc"] == pytest.approx(result["clip"]["roc_auc"])
+    assert first.data.metrics["autoencoder.psnr_db"] == pytest.approx(result["autoencoder"]["psnr_db"])
+    assert first.data.tags["clip.trained"] == "true" and runs[1].data.tags["clip.trained"] == "false"
+    assert failed.data.tags["autoencoder.gate"] == "failed" and failed.data.params["min_psnr_db"] == "99.0"
+    artifacts = [a.path for a in client.list_artifacts(first.info.run_id)]
+    assert "reconstructions.png" in artifacts

@@ -30,6 +30,45 @@ def test_notebooks_are_committed_without_outputs():
         assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first cell holds the parameters"
 
 
+def _notebook_definitions(name: str, cell_text: str, names: set[str]) -> dict:
+    """Run the top-level definitions ``names`` of the code cell that contains ``cell_text``."""
+    import ast
+
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    (source,) = [cell.source for cell in book.cells if cell.cell_type == "code" and cell_text in cell.source]
+    tree = ast.parse(source)
+    keep = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        or (isinstance(node, ast.FunctionDef) and node.name in names)
+        or (isinstance(node, ast.Assign) and {t.id for t in node.targets if isinstance(t, ast.Name)} & names)
+    ]
+    import numpy as np
+    from PIL import Image
+
+    namespace: dict = {"np": np, "Image": Image}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), name, "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def test_endpoint_notebook_diversity_check_fails_a_constant_image():
+    """The sweep's diversity threshold is one a generator that ignores its seed cannot pass."""
+    import numpy as np
+    from PIL import Image
+
+    found = _notebook_definitions("03_endpoint.ipynb", "def diversity", {"diversity", "MIN_DIVERSITY"})
+    diversity, threshold = found["diversity"], found["MIN_DIVERSITY"]
+    rng = np.random.default_rng(0)
+    constant = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    assert diversity([constant] * 4) == 0.0 < threshold
+    speckled = np.full((64, 64, 3), 128, np.uint8)
+    speckled[0, 0] = 129  # one pixel one grey level off: still the same picture
+    assert diversity([constant, Image.fromarray(speckled)]) < threshold
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    assert diversity(noise) > threshold
+
+
 def _run(name: str) -> dict:
     from nbclient import NotebookClient
 
@@ -101,4 +140,7 @@ def test_notebooks_run_on_a_tiny_work_directory(ray_local, tmp_path, monkeypatch
     assert endpoint["model"]["version"] == version
     assert endpoint["same_seed_identical"] and endpoint["other_seed_differs"]
     assert [row["guidance"] for row in endpoint["sweep"]] == [1.0, 5.0]
-    assert all(0.0 <= row["adherence"] <= 1.0 and row["diversity"] > 0 for row in endpoint["sweep"])
+    assert all(0.0 <= row["adherence"] <= 1.0 for row in endpoint["sweep"])
+    assert endpoint["diverse"] and all(
+        row["diversity"] >= endpoint["min_diversity"] for row in endpoint["sweep"]
+    )

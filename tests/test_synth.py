@@ -36,7 +36,8 @@ from ldm.synth import (
 )
 from ldm.synth.grammar import all_captions
 from ldm.synth.server import ImageServer
-from ldm.synth.source import EXPECTED_REASON, FAULTS, read_truth, render_source, run_synth, write_pairs
+from ldm.synth.source import EXPECTED_REASON, FAULTS, read_truth, render_source, write_pairs
+from pipelines.synth import run_synth
 
 
 def test_vocabulary_covers_the_contract():
@@ -289,7 +290,8 @@ def test_run_synth_writes_pairs_into_the_workdir(tmp_path):
 
 
 def test_hard_negatives_are_false_of_their_scenes_and_one_attribute_away():
-    from ldm.synth.grammar import hard_negatives, sample_scene
+    from ldm.synth.grammar import sample_scene
+    from ldm.synth.negatives import hard_negatives
 
     rng = np.random.default_rng(5)
     for _ in range(300):

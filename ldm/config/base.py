@@ -1,4 +1,4 @@
-"""Typed configs: defaults in code, a YAML file on top, then command-line overrides (STYLE.md 5).
+"""Typed configs: defaults in code, a YAML file on top, then command-line overrides (one config per job).
 
 Every job (synth, bootstrap, ingest, train, eval, serve, retrain, demo) has one frozen pydantic
 model. `load_config` builds it from the three layers; `dump_config` writes it back as YAML for the

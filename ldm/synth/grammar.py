@@ -18,11 +18,12 @@ position       "a red circle to the left of a blue        the red circle's centr
 color_attr     "a green square and a red triangle"        each colour on its own shape (binding)
 =============  =========================================  ==========================================
 
-Scenes are 1-3 flat shapes on one plain background, on a coarse 3x3 grid (+-2 px), two sizes, never touching:
+Scenes: 1-3 flat shapes on a plain background, a coarse 3x3 grid (+-2 px), two sizes, never touching;
 simple enough for a tiny diffusion model, and checkable by code (`ldm.evaluation`).
 
 Held-out prompts: about 10% of each category's captions (at least 2 per category) are set aside by a
-stable hash of the caption text; the source never emits them, so evaluation prompts are unseen.
+stable hash of the caption text; the source never emits them, so evaluation prompts are unseen. Hard
+negatives (one attribute away from a caption) are in `ldm.synth.negatives`.
 """
 
 from __future__ import annotations
@@ -75,12 +76,8 @@ JITTER = 2
 SIZE_RADIUS: dict[str, int] = {"small": 7, "large": 11}
 MIN_GAP = 3  # pixels of background kept between the bounding boxes of any two shapes
 
-_RELATION_PHRASES: dict[str, str] = {
-    "left of": "to the left of",
-    "right of": "to the right of",
-    "above": "above",
-    "below": "below",
-}
+_RELATION_PHRASES: dict[str, str] = {"left of": "to the left of", "right of": "to the right of",
+                                     "above": "above", "below": "below"}  # fmt: skip
 HELDOUT_FRACTION = 0.10
 MIN_HELDOUT_PER_CATEGORY = 2
 
@@ -275,9 +272,9 @@ def _heldout_by_pool() -> dict[str, tuple[str, ...]]:
         for caption in captions:
             pools.setdefault(_pool(caption, category), []).append(caption)
     out = {}
-    for name, captions in pools.items():
-        k = max(MIN_HELDOUT_PER_CATEGORY, round(HELDOUT_FRACTION * len(captions)))
-        out[name] = tuple(sorted(captions, key=_stable_hash)[:k])
+    for name, pool in pools.items():
+        k = max(MIN_HELDOUT_PER_CATEGORY, round(HELDOUT_FRACTION * len(pool)))
+        out[name] = tuple(sorted(pool, key=_stable_hash)[:k])
     return out
 
 
@@ -358,57 +355,6 @@ def scene_for_prompt(spec: PromptSpec, rng: np.random.Generator) -> Scene:
     # Every spec of the grammar has a layout (two large shapes fit in columns 0 and 2, three large
     # ones in three corners), so landing here means a grammar/geometry bug, not bad luck.
     raise ValueError(f"no non-overlapping layout found for {format_caption(spec)!r}")
-
-
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def hard_negatives(caption: str) -> list[str]:
-    """Captions that differ from ``caption`` in one attribute, so that none is true of its scenes.
-
-    One edit each: a shape, a colour, a size, the count, the absolute position, the relation flipped,
-    or the two colours swapped between their shapes (a binding error). Scenes of the grammar hold
-    exactly their caption's objects, so each edit makes a false caption. The bootstrap scores its CLIP
-    against these (``hard_negative_auc``): a CLIP that ranks the true caption above a random other one
-    can still be blind to shape (the "hard negatives" of NegCLIP, Yuksekgonul et al. 2023, "When and
-    why vision-language models behave like bags-of-words").
-    """
-    from dataclasses import replace
-
-    spec = parse_caption(caption)
-    edits: list[PromptSpec] = []
-
-    def with_object(i: int, **change) -> PromptSpec:
-        objects = list(spec.objects)
-        objects[i] = replace(objects[i], **change)
-        return replace(spec, objects=tuple(objects))
-
-    for i, obj in enumerate(spec.objects):
-        edits += [with_object(i, shape=shape) for shape in SHAPES if shape != obj.shape]
-        if obj.color is not None:
-            edits += [with_object(i, color=color) for color in COLORS if color != obj.color]
-        if obj.size is not None:
-            edits.append(with_object(i, size="large" if obj.size == "small" else "small"))
-        if obj.count > 1:
-            edits += [with_object(i, count=n) for n in COUNT_WORDS if n != obj.count]
-    if spec.position is not None:
-        edits += [replace(spec, position=p) for p in POSITIONS if p != spec.position]
-    if spec.relation is not None:
-        edits.append(replace(spec, relation=_OPPOSITE[spec.relation]))
-    if len(spec.objects) == 2 and None not in (spec.objects[0].color, spec.objects[1].color):
-        a, b = spec.objects
-        if a.color != b.color:
-            edits.append(replace(spec, objects=(replace(a, color=b.color), replace(b, color=a.color))))
-    captions = set()
-    for edit in edits:
-        text = format_caption(edit)
-        try:  # an edit may leave the grammar (two objects of one colour, say): skip it
-            parse_caption(text)
-        except ValueError:
-            continue
-        captions.add(text)
-    captions.discard(format_caption(spec))
-    return sorted(captions)
 
 
 def random_spec(rng: np.random.Generator, category: str | None = None) -> PromptSpec:

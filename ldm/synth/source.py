@@ -36,11 +36,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ldm.config.synth import SynthConfig
-from ldm.contract import COL_CAPTION, COL_URL, WorkDir
+from ldm.contract import COL_CAPTION, COL_URL
 from ldm.evaluation.geneval import check
 from ldm.synth.grammar import CATEGORIES, Scene, parse_caption, sample_scene
 from ldm.synth.render import render_scene
 
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out renders (bootstrap gates, benchmarks) use another seed
 GOOD = "good"
 FAULTS: tuple[str, ...] = (
     "dead_url",
@@ -145,6 +146,23 @@ class _Writer:
         )
 
 
+def mismatched_captions(scenes: list[Scene], seed: int) -> list[str]:
+    """For each scene, another scene's caption that it does NOT satisfy (by the evaluation's rules).
+
+    A random other caption is often still true ("a circle and a square" for a red square beside a
+    blue circle); counting those as negatives would cap the AUC below 1 for a perfect scorer.
+    """
+    rng = np.random.default_rng(seed)
+    mismatched = []
+    for scene in scenes:
+        while True:
+            other = scenes[int(rng.integers(len(scenes)))]
+            if not check(other.spec, scene.objects):
+                mismatched.append(other.caption)
+                break
+    return mismatched
+
+
 def _mismatched_caption(scene: Scene, rng: np.random.Generator) -> str:
     """Another scene's caption that this scene does not satisfy (checked by the evaluation rules)."""
     while True:
@@ -222,38 +240,3 @@ def write_pairs(out_dir: str | Path, base_url: str) -> Path:
 def read_truth(out_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``truth.parquet``, with ``spec_json`` left as text (`PromptSpec.from_json` reads it)."""
     return pq.read_table(Path(out_dir) / TRUTH_FILE).to_pylist()
-
-
-def run_synth(cfg: SynthConfig) -> dict[str, Any]:
-    """`ldm synth`: render the source into the work directory and write its URL list."""
-    workdir = WorkDir(cfg.workdir)
-    counts = render_source(cfg, workdir.synth)
-    pairs = write_pairs(workdir.synth, cfg.base_url)
-    return {
-        "rows": cfg.num_pairs,
-        "counts": counts,
-        "pairs": str(pairs),
-        "truth": str(workdir.synth / TRUTH_FILE),
-        "www": str(workdir.synth / WWW_DIR),
-        "base_url": cfg.base_url,
-    }
-
-
-def serve_forever(cfg: SynthConfig) -> None:
-    """`ldm synth --serve`: serve the rendered files on ``cfg.base_url`` until interrupted."""
-    from urllib.parse import urlsplit
-
-    from ldm.synth.server import ImageServer
-
-    url = urlsplit(cfg.base_url)
-    if url.scheme != "http" or url.hostname is None:
-        raise ValueError(f"base_url must look like http://HOST:PORT, got {cfg.base_url!r}")
-    root = WorkDir(cfg.workdir).synth / WWW_DIR
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist; run `ldm synth` first")
-    with ImageServer(root, host=url.hostname, port=url.port or 80) as server:
-        print(f"serving {root} on {server.base_url} (Ctrl-C to stop)", flush=True)
-        try:
-            server.wait()
-        except KeyboardInterrupt:
-            pass
