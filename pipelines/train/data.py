@@ -2,7 +2,10 @@
 
 A batch source is a function of the first epoch that yields ``(epoch, latents [B, C, H, W] scaled,
 text [B, L, D])`` without end; caption dropout is drawn as batches are made, afresh every epoch,
-from seeds of (run seed, rank, epoch), so a resumed run sees the epochs it would have seen.
+from seeds of (run seed, rank, epoch), so a resumed run sees the epochs it would have seen. The
+text comes from the stored caption column through a ``TextConditioning``
+(``pipelines/train/conditioning.py``): the stored embedding, or the stored token ids encoded by the
+frozen text encoder as the batch is made.
 ``ray_batches`` streams a worker's shard with Ray Data (the job); ``tensor_batches`` slices tensors
 already in memory (benchmarks and tests): both feed the same ``train_loop``.
 """
@@ -19,14 +22,19 @@ import torch
 from ldm import storage
 from ldm.config.train import TrainConfig
 from ldm.contract import (
+    COL_INPUT_IDS,
     COL_LATENT,
     COL_TEXT_EMBEDDING,
+    META_INPUT_IDS_SHAPE,
     META_LATENT_SHAPE,
+    META_PAD_TOKEN_ID,
     META_SCALING_FACTOR,
     META_TEXT_EMBEDDING_SHAPE,
+    META_TEXT_ENCODER,
 )
 from ldm.errors import DataError
-from pipelines.train.recipe import caption_dropout, derived_seed
+from pipelines.train.conditioning import StoredEmbeddings, TextConditioning
+from pipelines.train.recipe import derived_seed
 
 Batch = tuple[int, torch.Tensor, torch.Tensor]  # epoch, latents [B, C, H, W] scaled, text [B, L, D]
 BatchSource = Callable[[int], Iterator[Batch]]  # first epoch -> endless micro-batches
@@ -38,7 +46,20 @@ class LatentsFacts:
 
     scaling_factor: float
     latent_shape: tuple[int, int, int]  # C, H, W
-    text_embedding_shape: tuple[int, int]  # L, D
+    # L, D of the conditioning. None in what `read_latents_facts` returns for data holding token ids
+    # only: the text encoder decides D (`conditioning.text_conditioning` fills it in).
+    text_embedding_shape: tuple[int, int] | None
+    text_column: str = COL_TEXT_EMBEDDING  # what training reads: the embedding when stored, else the ids
+    input_ids_shape: tuple[int] | None = None  # L, when token ids are stored
+    pad_token_id: int | None = None  # the id that pads them
+    text_encoder: str | None = None  # the spec of the text encoder ingest used
+
+    @property
+    def text_width(self) -> int:
+        """D: the U-Net's cross-attention width."""
+        if self.text_embedding_shape is None:
+            raise DataError("the data holds token ids only: load the text encoder to know its width")
+        return self.text_embedding_shape[1]
 
 
 def _tensor_shape(schema: Any, column: str, meta_key: bytes) -> tuple[int, ...]:
@@ -54,7 +75,8 @@ def _tensor_shape(schema: Any, column: str, meta_key: bytes) -> tuple[int, ...]:
 
 
 def read_latents_facts(latents_uri: str) -> LatentsFacts:
-    """Scaling factor and tensor shapes from the schema of the first Parquet file under ``latents_uri``."""
+    """Scaling factor, tensor shapes and the stored caption column (the embedding when there is one,
+    else the token ids) from the schema of the first Parquet file under ``latents_uri``."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
@@ -66,22 +88,42 @@ def read_latents_facts(latents_uri: str) -> LatentsFacts:
     if not files:
         raise DataError(f"no Parquet files under {latents_uri}: run `ldm ingest` first or pass --data")
     schema = pq.read_schema(files[0], filesystem=fs)
-    for column in (COL_LATENT, COL_TEXT_EMBEDDING):
-        if column not in schema.names:
-            raise DataError(f"{files[0]}: missing column {column!r}")
+    if COL_LATENT not in schema.names:
+        raise DataError(f"{files[0]}: missing column {COL_LATENT!r}")
+    if COL_TEXT_EMBEDDING not in schema.names and COL_INPUT_IDS not in schema.names:
+        raise DataError(f"{files[0]}: missing column {COL_TEXT_EMBEDDING!r} (or {COL_INPUT_IDS!r})")
     metadata = schema.metadata or {}
     if META_SCALING_FACTOR not in metadata:
         raise DataError(f"{files[0]}: schema metadata has no {META_SCALING_FACTOR!r} (latent scaling factor)")
     latent_shape = _tensor_shape(schema, COL_LATENT, META_LATENT_SHAPE)
-    text_shape = _tensor_shape(schema, COL_TEXT_EMBEDDING, META_TEXT_EMBEDDING_SHAPE)
-    if len(latent_shape) != 3 or latent_shape[1] != latent_shape[2] or len(text_shape) != 2:
+    text_shape = None
+    if COL_TEXT_EMBEDDING in schema.names:
+        text_shape = _tensor_shape(schema, COL_TEXT_EMBEDDING, META_TEXT_EMBEDDING_SHAPE)
+    ids_shape, pad_token_id = None, None
+    if COL_INPUT_IDS in schema.names:
+        ids_shape = _tensor_shape(schema, COL_INPUT_IDS, META_INPUT_IDS_SHAPE)
+        if META_PAD_TOKEN_ID not in metadata:
+            raise DataError(f"{files[0]}: schema metadata has no {META_PAD_TOKEN_ID!r} (the ids' pad id)")
+        pad_token_id = int(json.loads(metadata[META_PAD_TOKEN_ID]))
+    if (
+        len(latent_shape) != 3
+        or latent_shape[1] != latent_shape[2]
+        or (text_shape is not None and len(text_shape) != 2)
+        or (ids_shape is not None and len(ids_shape) != 1)
+    ):
         raise DataError(
-            f"latents: expected square [C, H, W] latents and [L, D] embeddings, got {latent_shape}, {text_shape}"
+            f"latents: expected square [C, H, W] latents, [L, D] embeddings and [L] ids, got "
+            f"{latent_shape}, {text_shape}, {ids_shape}"
         )
+    text_encoder = json.loads(metadata[META_TEXT_ENCODER]) if META_TEXT_ENCODER in metadata else None
     return LatentsFacts(
         float(json.loads(metadata[META_SCALING_FACTOR])),
         (latent_shape[0], latent_shape[1], latent_shape[2]),
-        (text_shape[0], text_shape[1]),
+        (text_shape[0], text_shape[1]) if text_shape is not None else None,
+        text_column=COL_TEXT_EMBEDDING if text_shape is not None else COL_INPUT_IDS,
+        input_ids_shape=(ids_shape[0],) if ids_shape is not None else None,
+        pad_token_id=pad_token_id,
+        text_encoder=text_encoder.get("spec") if isinstance(text_encoder, dict) else text_encoder,
     )
 
 
@@ -89,12 +131,13 @@ def ray_batches(
     shard: Any,
     cfg: TrainConfig,
     facts: LatentsFacts,
-    empty_embedding: torch.Tensor,
+    conditioning: TextConditioning,
     rank: int,
     device: torch.device,
 ) -> BatchSource:
     """Micro-batches of a Ray Data shard (``ray.train.get_dataset_shard``): each epoch reshuffles rows
-    within the shuffle buffer and draws caption dropout afresh."""
+    within the shuffle buffer and draws caption dropout afresh; ``conditioning`` (on ``device``)
+    turns the stored caption column into the text the U-Net attends to."""
 
     def stream(first_epoch: int) -> Iterator[Batch]:
         epoch = first_epoch
@@ -103,7 +146,7 @@ def ray_batches(
             shuffle_seed = derived_seed(cfg.seed, rank, epoch, 2) % 2**31 if cfg.shuffle_buffer else None
             batches = shard.iter_torch_batches(
                 batch_size=cfg.micro_batch_size,
-                dtypes=torch.float32,
+                dtypes={COL_LATENT: torch.float32, conditioning.column: conditioning.dtype},
                 device=device,
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.shuffle_buffer or None,
@@ -113,9 +156,7 @@ def ray_batches(
             for batch in batches:
                 seen += 1
                 latents = batch[COL_LATENT] * facts.scaling_factor
-                text = caption_dropout(
-                    batch[COL_TEXT_EMBEDDING], empty_embedding, cfg.caption_dropout, dropout
-                )
+                text = conditioning(batch[conditioning.column], cfg.caption_dropout, dropout)
                 yield epoch, latents, text
             if seen == 0:
                 raise DataError(
@@ -131,14 +172,19 @@ def tensor_batches(
     latents: torch.Tensor,
     text: torch.Tensor,
     cfg: TrainConfig,
-    empty_embedding: torch.Tensor,
+    conditioning: torch.Tensor | TextConditioning,
     rank: int = 0,
 ) -> BatchSource:
-    """Micro-batches of tensors already in memory (``latents`` scaled, on the training device): each
-    epoch a fresh permutation and caption dropout, seeded as ``ray_batches`` seeds them."""
+    """Micro-batches of tensors already in memory (``latents`` scaled, on the training device; ``text``
+    the stored caption column ``conditioning`` reads, or embeddings when ``conditioning`` is the empty
+    prompt's embedding): each epoch a fresh permutation and caption dropout, seeded as ``ray_batches``
+    seeds them."""
     rows, size = latents.shape[0], cfg.micro_batch_size
     if rows < size:
         raise DataError(f"{rows} rows are fewer than a micro-batch of {size}: add data or lower batch_size")
+    if isinstance(conditioning, torch.Tensor):
+        conditioning = StoredEmbeddings(conditioning)
+    encode = conditioning
 
     def stream(first_epoch: int) -> Iterator[Batch]:
         epoch = first_epoch
@@ -148,11 +194,7 @@ def tensor_batches(
             order = torch.randperm(rows, generator=shuffle).to(latents.device)
             for start in range(0, rows - size + 1, size):
                 index = order[start : start + size]
-                yield (
-                    epoch,
-                    latents[index],
-                    caption_dropout(text[index], empty_embedding, cfg.caption_dropout, dropout),
-                )
+                yield epoch, latents[index], encode(text[index], cfg.caption_dropout, dropout)
             epoch += 1
 
     return stream

@@ -26,8 +26,8 @@ import torch
 
 from ldm import storage
 from ldm.config.train import TrainConfig
-from ldm.contract import COL_LATENT, COL_TEXT_EMBEDDING, LATENTS_DIR, WorkDir, train_rows
-from ldm.errors import DataError
+from ldm.contract import COL_LATENT, LATENTS_DIR, WorkDir, train_rows
+from pipelines.train.conditioning import TextConditioning, text_conditioning
 from pipelines.train.data import LatentsFacts, ray_batches, read_latents_facts
 from pipelines.train.export import export_checkpoint, register
 from pipelines.train.hooks import fault_from_env, standard_hooks
@@ -57,7 +57,7 @@ class WorkerArgs:
 
     cfg: TrainConfig
     facts: LatentsFacts
-    empty_embedding: torch.Tensor  # [L, D], the empty prompt as the pipeline encodes it
+    conditioning: TextConditioning  # stored embeddings, or stored ids and the frozen text encoder
     init_weights: Any  # ray.ObjectRef of the fine-tuning U-Net's state dict, or None
     run_id: str | None
     tracking_uri: str
@@ -72,9 +72,9 @@ def train_worker(config: dict[str, Any]) -> None:
     args: WorkerArgs = config["args"]
     torch.set_num_threads(args.cfg.torch_threads)
     world = RayWorld()
-    empty = args.empty_embedding.to(world.device)
+    conditioning = args.conditioning.to(world.device)
     shard = ray.train.get_dataset_shard("train")
-    batches = ray_batches(shard, args.cfg, args.facts, empty, world.rank, world.device)
+    batches = ray_batches(shard, args.cfg, args.facts, conditioning, world.rank, world.device)
     init_weights = ray.get(args.init_weights) if args.init_weights is not None else None
     tracking = None
     if world.rank == 0 and args.run_id is not None:
@@ -89,7 +89,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     import ray
 
     from ldm.runtime import ensure_ray
-    from ldm.text import encode_captions
 
     cfg = absolute_paths(cfg)
     work = WorkDir(cfg.workdir)
@@ -97,14 +96,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     latents_uri = storage.join(data_uri, LATENTS_DIR)
     facts = read_latents_facts(latents_uri)
 
-    # The empty prompt, encoded exactly as the pipeline will encode it at inference (caption dropout).
+    # The text conditioning as the pipeline computes it at inference: stored embeddings (and the empty
+    # prompt's, for caption dropout), or stored token ids that the workers encode with this text encoder.
     first_stage = load_first_stage(cfg, facts.scaling_factor)
-    empty_embedding = encode_captions(first_stage["tokenizer"], first_stage["text_encoder"], [""])[0]
-    if tuple(empty_embedding.shape) != facts.text_embedding_shape:
-        raise DataError(
-            f"text encoder gives embeddings of shape {tuple(empty_embedding.shape)} but the data holds "
-            f"{facts.text_embedding_shape}: train with the text encoder that ingest used"
-        )
+    facts, conditioning = text_conditioning(facts, first_stage["tokenizer"], first_stage["text_encoder"])
 
     ensure_ray(cfg.ray_address, cfg.num_cpus)
     run_name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
@@ -116,7 +111,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     args = WorkerArgs(
         cfg,
         facts,
-        empty_embedding.detach().float().cpu(),
+        conditioning,
         init_weights,
         tracking.run_id,
         tracking.tracking_uri,
@@ -160,7 +155,7 @@ def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> An
     dataset = (
         ray.data.read_parquet(latents_path, filesystem=fs)
         .map_batches(train_rows, batch_format="pyarrow")
-        .select_columns([COL_LATENT, COL_TEXT_EMBEDDING])
+        .select_columns([COL_LATENT, args.conditioning.column])
     )
     trainer = TorchTrainer(
         train_worker,

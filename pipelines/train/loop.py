@@ -198,7 +198,7 @@ def build_training_state(
     """The U-Net (seeded, or the fine-tuning weights), its EMA copy, and AdamW over the U-Net."""
     cfg, facts = inputs.cfg, inputs.facts
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1])
+    unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
     if inputs.init_weights is not None:
         unet.load_state_dict(dict(inputs.init_weights))
     if cfg.gradient_checkpointing:

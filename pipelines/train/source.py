@@ -62,7 +62,7 @@ def load_init_unet(uri: str, cfg: TrainConfig, facts: LatentsFacts) -> dict[str,
         weights = UNet2DConditionModel.from_pretrained(
             Path(folder) / UNET_DIR, local_files_only=True, use_safetensors=True
         ).state_dict()
-    unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1])
+    unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
     try:
         unet.load_state_dict(weights)
     except RuntimeError as error:

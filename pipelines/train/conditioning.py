@@ -1,0 +1,118 @@
+"""The U-Net's text conditioning from what ``latents/`` stores: a text embedding, or only token ids.
+
+Ingest stores a caption as its text embedding (``text_embedding``, [L, D]), its token ids
+(``input_ids``, [L]), or both (``docs/DATA.md``, "Text conditioning"). Training reads the embedding
+when it is there; with ids only, each worker holds the run's frozen text encoder and encodes every
+micro-batch as it is made, without gradients, the way ``ldm.text.encode_captions`` (and so the
+exported pipeline at inference) encodes the caption: no attention mask unless the encoder's config
+asks for one, the last hidden state. Caption dropout swaps in the empty caption, before encoding
+for ids (its ids) and as its embedding otherwise: both give the pipeline's unconditional input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ldm.contract import COL_INPUT_IDS, COL_TEXT_EMBEDDING
+from ldm.errors import DataError
+from ldm.text import encode_captions
+from pipelines.train.recipe import caption_dropout
+
+if TYPE_CHECKING:  # data.py imports this module
+    from pipelines.train.data import LatentsFacts
+
+
+@dataclass(frozen=True)
+class StoredEmbeddings:
+    """The stored ``text_embedding`` column is the conditioning."""
+
+    empty_embedding: torch.Tensor  # [L, D], the empty prompt as the pipeline encodes it
+
+    column = COL_TEXT_EMBEDDING
+    dtype = torch.float32
+
+    def to(self, device: torch.device) -> StoredEmbeddings:
+        return StoredEmbeddings(self.empty_embedding.to(device))
+
+    def __call__(self, stored: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+        """[B, L, D] with caption dropout."""
+        return caption_dropout(stored, self.empty_embedding, p, generator)
+
+
+@dataclass(frozen=True)
+class EncodedIds:
+    """The stored ``input_ids`` column, encoded in the step by the run's frozen text encoder."""
+
+    text_encoder: Any  # transformers' CLIPTextModel (the run's, frozen)
+    empty_ids: torch.Tensor  # [L] int64, the empty caption's ids (the tokenizer's own padding)
+    pad_token_id: int
+
+    column = COL_INPUT_IDS
+    dtype = torch.int64
+
+    def to(self, device: torch.device) -> EncodedIds:
+        encoder = self.text_encoder.to(device).eval().requires_grad_(False)
+        return EncodedIds(encoder, self.empty_ids.to(device), self.pad_token_id)
+
+    def __call__(self, stored: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+        """[B, L, D] with caption dropout (the same draw as ``StoredEmbeddings``: one per row)."""
+        # caption_dropout swaps rows of a [B, L, D] tensor: the ids ride in it as [B, L, 1].
+        ids = caption_dropout(stored[:, :, None], self.empty_ids[:, None], p, generator)[:, :, 0]
+        return encode_input_ids(self.text_encoder, ids, self.pad_token_id)
+
+
+TextConditioning = StoredEmbeddings | EncodedIds
+
+
+def text_conditioning(
+    facts: LatentsFacts, tokenizer: Any, text_encoder: Any
+) -> tuple[LatentsFacts, TextConditioning]:
+    """The facts with the conditioning's shape [L, D] known, and how the step makes it, for the run's
+    (frozen) tokenizer and text encoder: the ones the exported pipeline encodes prompts with."""
+    empty_embedding = encode_captions(tokenizer, text_encoder, [""])[0].detach().float().cpu()  # [L, D]
+    shape = (int(empty_embedding.shape[0]), int(empty_embedding.shape[1]))
+    if facts.text_column == COL_TEXT_EMBEDDING:
+        if shape != facts.text_embedding_shape:
+            raise DataError(
+                f"text encoder gives embeddings of shape {shape} but the data holds "
+                f"{facts.text_embedding_shape}: train with the text encoder that ingest used"
+            )
+        return facts, StoredEmbeddings(empty_embedding)
+    # Token ids only: any text encoder of the same tokenizer will do (the ids name the words); the
+    # exported pipeline carries this one, so training conditions on what inference computes.
+    length, pad = int(tokenizer.model_max_length), int(tokenizer.pad_token_id)
+    if facts.input_ids_shape != (length,) or facts.pad_token_id != pad:
+        raise DataError(
+            f"the data's token ids (length {facts.input_ids_shape}, pad id {facts.pad_token_id}, made by "
+            f"{facts.text_encoder}) do not match this run's tokenizer (length {length}, pad id {pad}): "
+            "train with the tokenizer that ingest used (`text_encoder`)"
+        )
+    empty_ids = tokenizer([""], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    conditioning = EncodedIds(text_encoder, empty_ids.input_ids[0].long(), pad)
+    return dataclasses.replace(facts, text_embedding_shape=shape), conditioning
+
+
+@torch.no_grad()
+def encode_input_ids(text_encoder: Any, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """[B, L, D] float32: ``ldm.text.encode_captions`` from ids the tokenizer already made.
+
+    The pipeline passes an attention mask only when ``text_encoder.config.use_attention_mask`` is set
+    (CLIP's is not). The tokenizer's mask is not stored, so it is rebuilt here: every position before
+    the trailing run of pad ids, plus the first of that run when the pad id is also end-of-text (CLIP
+    pads with its end-of-text token, which is part of the caption).
+    """
+    attention_mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        length = input_ids.shape[1]
+        is_pad = (input_ids == pad_token_id).int()
+        trailing = is_pad.flip(1).cumprod(1).sum(1)  # [B] pads at the end
+        if pad_token_id == getattr(text_encoder.config, "eos_token_id", None):
+            trailing = (trailing - 1).clamp(min=0)
+        positions = torch.arange(length, device=input_ids.device)
+        attention_mask = (positions[None, :] < (length - trailing)[:, None]).long()
+    output = text_encoder(input_ids.long(), attention_mask=attention_mask)
+    return output[0].float()
