@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from safetensors.torch import save_file
 
 from ldm.config.bootstrap import ClipConfig
 from ldm.storage import is_remote, materialize
+
+if TYPE_CHECKING:  # for the annotations only: open_clip is imported where it is used (it is slow to import)
+    from open_clip.model import CLIP, CustomTextCLIP
 
 CLIP_CONFIG_FILE = "open_clip_config.json"  # the name open_clip's "local-dir:" loader looks for
 CLIP_WEIGHTS_FILE = "model.safetensors"
@@ -67,7 +70,7 @@ class ImagePreprocess:
 class ClipBundle:
     """A CLIP model with the image preprocessing and tokenizer it was trained with."""
 
-    model: torch.nn.Module
+    model: CLIP | CustomTextCLIP  # what open_clip.create_model builds (a torch.nn.Module)
     preprocess: ImagePreprocess
     tokenizer: Callable[[list[str]], torch.Tensor]  # captions -> LongTensor [N, context_length]
     model_cfg: dict[str, Any]  # open_clip's model config (embed_dim, vision_cfg, text_cfg)

@@ -11,6 +11,7 @@ On disk it is the Stable Diffusion layout: a models folder holding ``text_encode
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -18,13 +19,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.first_stage.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 from ldm.storage import materialize
 
+if TYPE_CHECKING:  # for the annotations only: at run time this module never imports open_clip
+    from open_clip.model import CLIP
+
 EOS_TOKEN_ID = 49407  # <|endoftext|> in open_clip's BPE vocabulary
 BOS_TOKEN_ID = 49406
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 
 
-def _text_tower_config(clip_model: torch.nn.Module) -> CLIPTextConfig:
+def _text_tower_config(clip_model: CLIP) -> CLIPTextConfig:
     """The CLIPTextConfig matching an open_clip CLIP's (built-in, non-HF) text tower."""
     if not hasattr(clip_model, "token_embedding") or not hasattr(clip_model, "transformer"):
         raise ValueError("expected an open_clip CLIP with its built-in text tower (not a CustomTextCLIP)")
@@ -57,7 +61,7 @@ def _text_tower_config(clip_model: torch.nn.Module) -> CLIPTextConfig:
     )
 
 
-def clip_text_tower_to_transformers(clip_model: torch.nn.Module) -> CLIPTextModel:
+def clip_text_tower_to_transformers(clip_model: CLIP) -> CLIPTextModel:
     """Copy an open_clip CLIP's text tower into an equivalent transformers CLIPTextModel (eval mode).
 
     Hidden states agree with open_clip's up to and including the end-of-text token (positions after it
@@ -102,7 +106,7 @@ def clip_text_tower_to_transformers(clip_model: torch.nn.Module) -> CLIPTextMode
     return model.eval()
 
 
-def build_text_tokenizer(clip_model: torch.nn.Module) -> CLIPTokenizer:
+def build_text_tokenizer(clip_model: CLIP) -> CLIPTokenizer:
     """The CLIPTokenizer (open_clip's ids, padding with end-of-text) for this CLIP's context length."""
     return build_clip_tokenizer(model_max_length=clip_model.positional_embedding.shape[0])
 
@@ -132,9 +136,7 @@ def load_text_encoder(spec: str, device: str | torch.device = "cpu") -> tuple[CL
 
 
 @torch.no_grad()
-def max_hidden_state_difference(
-    clip_model: torch.nn.Module, text_encoder: CLIPTextModel, captions: list[str]
-) -> float:
+def max_hidden_state_difference(clip_model: CLIP, text_encoder: CLIPTextModel, captions: list[str]) -> float:
     """Largest |difference| between open_clip's and the CLIPTextModel's final hidden states, up to EOS.
 
     Both get the same ids (the CLIPTokenizer's, padded with end-of-text); positions after the first
