@@ -394,14 +394,20 @@ def test_hot_reload_switches_version_without_dropping_requests(server):
         time.sleep(1.0)
         set_alias("ldm", "champion", new_version)
         _wait_for_version(url, new_version)
-        time.sleep(1.0)
+        # Batches that started before the swap finish on version 1; wait for one that started after
+        # (no fixed sleep: a 20-step batch can take seconds on a loaded machine).
+        deadline = time.monotonic() + 120
+        while (new_version, 200) not in {(version, code) for code, version in answers}:
+            assert time.monotonic() < deadline, answers
+            time.sleep(0.2)
     finally:
         stop.set()
         for caller in callers:
             caller.join()
     assert {code for code, _ in answers} == {200}, answers
     versions = [version for _, version in answers]
-    assert versions[0] == "1" and versions[-1] == "2", versions
+    # One replica runs one batch at a time: once version 2 answered, version 1 never answers again.
+    assert versions[0] == "1" and versions[-1] == "2" and versions == sorted(versions), versions
     # The new version really serves the new weights: the image is the v2 model's.
     served = post({"url": url}, {"prompt": "a red circle", "seed": 4}).json()
     assert served["model"]["version"] == "2"
