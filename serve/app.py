@@ -19,9 +19,10 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
+from ray.serve import Deployment
 
 from ldm.config.serve import ServeConfig
 from serve.generator import Generator
@@ -29,6 +30,10 @@ from serve.http import Ingress
 
 APP_NAME = "ldm"
 API_KEY_ENV = "LDM_API_KEY"
+# `@serve.deployment` turns each class into a Deployment, but Ray annotates the bare decorator as
+# returning a decorator, so type checkers still see the class: say what they are.
+GENERATOR = cast(Deployment, Generator)
+INGRESS = cast(Deployment, Ingress)
 
 
 def _absolute_model_uri(model: str) -> str:
@@ -73,7 +78,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """
     from ldm.tracking import tracking_uri
 
-    generator = Generator.options(
+    generator = GENERATOR.options(
         user_config={
             "model": _absolute_model_uri(cfg.model),
             "max_batch_size": cfg.max_batch_size,
@@ -89,7 +94,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         "guidance_scale": cfg.guidance_scale,
         "scheduler": cfg.scheduler,
     }
-    return Ingress.options(user_config=defaults).bind(
+    return INGRESS.options(user_config=defaults).bind(
         generator, key_digest, cfg.max_body_bytes, cfg.max_init_image_pixels
     )
 
