@@ -30,10 +30,10 @@ from serve.http import Ingress
 
 APP_NAME = "ldm"
 API_KEY_ENV = "LDM_API_KEY"
-# `@serve.deployment` makes the two classes `Deployment`s at run time; mypy, which does not run Ray's
-# decorator, sees only the classes, so the builder goes through these typed names.
-GeneratorDeployment = cast(Deployment, Generator)
-IngressDeployment = cast(Deployment, Ingress)
+# `@serve.deployment` turns each class into a Deployment, but Ray annotates the bare decorator as
+# returning a decorator, so type checkers still see the class: say what they are.
+GENERATOR = cast(Deployment, Generator)
+INGRESS = cast(Deployment, Ingress)
 
 
 def _absolute_model_uri(model: str) -> str:
@@ -78,7 +78,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """
     from ldm.tracking import tracking_uri
 
-    generator = GeneratorDeployment.options(
+    generator = GENERATOR.options(
         user_config={
             "model": _absolute_model_uri(cfg.model),
             "max_batch_size": cfg.max_batch_size,
@@ -94,7 +94,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         "guidance_scale": cfg.guidance_scale,
         "scheduler": cfg.scheduler,
     }
-    return IngressDeployment.options(user_config=defaults).bind(
+    return INGRESS.options(user_config=defaults).bind(
         generator, key_digest, cfg.max_body_bytes, cfg.max_init_image_pixels
     )
 

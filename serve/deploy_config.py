@@ -23,12 +23,12 @@ from typing import Any
 import yaml
 
 from ldm.config.serve import ServeConfig
-from serve.app import APP_NAME, GeneratorDeployment, build_app, generator_options
+from serve.app import APP_NAME, GENERATOR, build_app, generator_options
 
 DEPLOY_CONFIG_PATH = Path("infra") / "serve" / "serve-config.yaml"
 # Derived from the function itself, so a rename cannot leave the file pointing at nothing.
 BUILDER_IMPORT_PATH = f"{build_app.__module__}:{build_app.__name__}"
-MODEL_DEPLOYMENT = GeneratorDeployment.name
+MODEL_DEPLOYMENT = GENERATOR.name
 
 # ServeConfig fields that are not application args: they live in the file's deployments section
 # (the model deployment's Ray options), its http_options, or only matter to `ldm serve`.

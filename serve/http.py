@@ -4,8 +4,9 @@
   `ldm.request.GenerationRequest` / `ImageToImageRequest` (bad input: 422 naming the field);
   fields left out take the server's defaults (``num_inference_steps``, ``guidance_scale``,
   ``scheduler`` in `ServeConfig`); ``width``/``height`` must be multiples of the model's factor.
-- ``POST /v1/images/generations``: OpenAI's images API as its SDK calls it (`serve.openai_api`);
-  errors there are 400/401/503 in OpenAI's error shape.
+- ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (multipart, served as image to
+  image): OpenAI's images API as its SDK calls it (`serve.openai_api`); errors there are
+  400/401/413/503 in OpenAI's error shape.
 - ``GET /healthz``: the loaded model's name and version, open without a key.
 
 Oversized bodies are refused (413) before parsing. With ``LDM_API_KEY`` set on the server, every
@@ -22,13 +23,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from ldm.request import GenerationRequest
 from serve import openai_api
-from serve.schemas import SERVER_DEFAULTS, Img2ImgRequest, OpenAIImageRequest, decode_image
+from serve.schemas import SERVER_DEFAULTS, Img2ImgRequest, OpenAIImageRequest, decode_image, read_image
 
 api = FastAPI(
     title="ldm text-to-image",
@@ -60,11 +62,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     """
     errors = error.errors()
     if openai_api.is_openai_route(request.url.path):
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        fields = [str(part) for part in first["loc"] if part != "body"]
-        param = fields[0] if fields else None
-        message = f"{param}: {first['msg']}" if param else str(first["msg"])
-        return openai_api.error(400, message.encode("ascii", "replace").decode(), param, "invalid_value")
+        return openai_api.validation_error(list(errors))
     detail = [{"type": item["type"], "loc": list(item["loc"]), "msg": item["msg"]} for item in errors]
     return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
 
@@ -225,6 +223,44 @@ class Ingress:
                 return openai_api.error(400, str(error), "size", "invalid_size")
             request = openai_api.to_request(body, width, height, self.defaults)
             result = await self.generator.generate.remote(request)
+        except BackPressureError:
+            return openai_api.error(503, "server overloaded, retry later", None, "overloaded")
+        except ValueError as error:
+            return openai_api.error(400, str(error), None, "invalid_value")
+        images = [base64.b64encode(png_bytes).decode("ascii") for png_bytes in result["images"]]
+        return JSONResponse(openai_api.answer(result, images))
+
+    @api.post("/v1/images/edits", response_model=None)
+    async def images_edits(self, request: Request) -> Response:
+        """OpenAI's image edits (multipart ``image`` + fields) as image to image; OpenAI's shapes."""
+        try:
+            form = await request.form(max_files=4, max_fields=64)
+            raw, body = await openai_api.read_edit_form(form)
+            read_image(raw, self.max_init_image_pixels)  # checked here, decoded again by the replica
+        except ValidationError as error:
+            return openai_api.validation_error(error.errors())
+        except openai_api.FormError as error:
+            return openai_api.error(400, str(error), error.param, "invalid_value")
+        except ValueError as error:  # read_image, or a form starlette could not parse
+            return openai_api.error(400, f"image: {error}", "image", "invalid_image")
+        # The image travels to the model replica as the /v1/img2img body carries it: base64.
+        init_image = base64.b64encode(raw).decode("ascii")
+        try:
+            model = await self._model_info()
+            width, height = openai_api.parse_size(body.size, model)
+        except BackPressureError:
+            return openai_api.error(503, "server overloaded, retry later", None, "overloaded")
+        except ValueError as error:
+            return openai_api.error(400, str(error), "size", "invalid_size")
+        try:
+            edit = openai_api.to_edit_request(body, init_image, width, height, self.defaults)
+        except ValidationError as error:
+            return openai_api.validation_error(error.errors())
+        if edit.denoising_steps() < 1:
+            message = "strength x num_inference_steps leaves no denoising step"
+            return openai_api.error(400, message, "strength", "invalid_value")
+        try:
+            result = await self.generator.img2img.remote(edit)
         except BackPressureError:
             return openai_api.error(503, "server overloaded, retry later", None, "overloaded")
         except ValueError as error:

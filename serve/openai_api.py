@@ -1,7 +1,9 @@
 """OpenAI's images API over our generation request: translation of the request, the answer and errors.
 
 OpenAI's SDK (``client.images.generate``) posts `serve.schemas.OpenAIImageRequest` to
-``/v1/images/generations`` and expects ``{"created", "data": [{"b64_json"}]}``, with errors as
+``/v1/images/generations``; ``client.images.edit`` posts a multipart form (the file ``image`` and the
+fields of `serve.schemas.OpenAIImageEditRequest`) to ``/v1/images/edits``, served as image to image.
+Both expect ``{"created", "data": [{"b64_json"}]}``, with errors as
 ``{"error": {"message", "type", "param", "code"}}`` (the SDK raises ``openai.BadRequestError`` and
 friends from them). The route itself lives on the ingress (`serve.http`); this module is the
 translation, plain functions with no Serve in them.
@@ -12,9 +14,10 @@ import time
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData, UploadFile
 
 from ldm.request import MAX_SIDE, GenerationRequest
-from serve.schemas import SERVER_DEFAULTS, OpenAIImageRequest
+from serve.schemas import SERVER_DEFAULTS, Img2ImgRequest, OpenAIImageEditRequest, OpenAIImageRequest
 
 ROUTE_PREFIX = "/v1/images/"
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -54,10 +57,43 @@ def parse_size(size: str | None, model: dict[str, Any]) -> tuple[int | None, int
     return sides
 
 
-def to_request(
+def validation_error(errors: list[Any]) -> JSONResponse:
+    """A 400 in OpenAI's shape naming the first bad field of a pydantic/FastAPI validation error."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    fields = [str(part) for part in first["loc"] if part != "body"]
+    param = fields[0] if fields else None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    return error(400, message.encode("ascii", "replace").decode(), param, "invalid_value")
+
+
+class FormError(ValueError):
+    """A multipart form of /v1/images/edits that cannot be served; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+async def read_edit_form(form: FormData) -> tuple[bytes, OpenAIImageEditRequest]:
+    """The image bytes and the validated text fields of an ``images.edit`` form.
+
+    The SDK sends one image as the file ``image`` (several as ``image[]``); this model edits exactly
+    one. A ``mask`` (inpainting) would change the answer and is not supported: a 400, not ignored.
+    Raises `FormError` or pydantic's ValidationError.
+    """
+    images = [*form.getlist("image"), *form.getlist("image[]")]
+    if len(images) != 1 or not isinstance(images[0], UploadFile):
+        raise FormError(f"send exactly one image file as 'image' (got {len(images)})", "image")
+    if "mask" in form:
+        raise FormError("masks (inpainting) are not supported by this model: send the image only", "mask")
+    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    body = OpenAIImageEditRequest.model_validate(fields)
+    return await images[0].read(), body
+
+
+def _fields(
     body: OpenAIImageRequest, width: int | None, height: int | None, defaults: dict[str, Any]
-) -> GenerationRequest:
-    """The generation request behind an OpenAI call; fields left out take the server's defaults."""
+) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt,
@@ -72,7 +108,26 @@ def to_request(
             fields[key] = value
         elif key in defaults:
             fields[key] = defaults[key]
-    return GenerationRequest(**fields)
+    return fields
+
+
+def to_request(
+    body: OpenAIImageRequest, width: int | None, height: int | None, defaults: dict[str, Any]
+) -> GenerationRequest:
+    """The generation request behind an OpenAI call; fields left out take the server's defaults."""
+    return GenerationRequest(**_fields(body, width, height, defaults))
+
+
+def to_edit_request(
+    body: OpenAIImageEditRequest,
+    init_image_b64: str,
+    width: int | None,
+    height: int | None,
+    defaults: dict[str, Any],
+) -> Img2ImgRequest:
+    """The image-to-image request behind an ``images.edit`` call (the image already checked)."""
+    fields = _fields(body, width, height, defaults)
+    return Img2ImgRequest(**fields, strength=body.strength, init_image=init_image_b64)
 
 
 def answer(result: dict[str, Any], images_b64: list[str]) -> dict[str, Any]:

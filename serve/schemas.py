@@ -4,7 +4,8 @@
 `ImageToImageRequest` plus the init image: the fields and limits are the ones the CLI and the library
 use, defined once. FastAPI validates every body against these before any model code runs: a wrong
 field is a 422 whose ``detail[].loc`` names the field, never a 500. ``/v1/images/generations`` takes
-`OpenAIImageRequest`, what OpenAI's SDK sends. The models also document the API: they are what
+`OpenAIImageRequest`, what OpenAI's SDK sends, and ``/v1/images/edits`` the multipart form of
+`OpenAIImageEditRequest`. The models also document the API: they are what
 ``/openapi.json`` (and the ``/docs`` page) show.
 """
 
@@ -72,11 +73,25 @@ class OpenAIImageRequest(BaseModel):
     scheduler: SchedulerName | None = None
 
 
+class OpenAIImageEditRequest(OpenAIImageRequest):
+    """The form fields of ``POST /v1/images/edits`` (``client.images.edit``), served as image to image.
+
+    The image itself is the multipart file ``image``; these are the text fields beside it. Form fields
+    arrive as text, so numbers are parsed here (lax mode: ``"2"`` is 2) where the JSON bodies are strict.
+    ``strength`` (through ``extra_body``) is the img2img noise level of `ImageToImageRequest`.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    strength: float = Field(
+        0.6, gt=0.0, le=1.0, allow_inf_nan=False, description="How far to move from the image (0, 1]."
+    )
+
+
 def decode_image(encoded: str, max_pixels: int | None) -> Image.Image:
     """base64 (optionally a ``data:image/...;base64,`` URL) -> a fully loaded RGB PIL image.
 
-    Raises ValueError for anything that is not a complete image, or one with more than ``max_pixels``
-    pixels (checked from the header, before the pixels are decoded).
+    Raises ValueError for anything that is not valid base64 or not a complete image (see `read_image`).
     """
     if encoded.startswith("data:"):
         header, _, encoded = encoded.partition(",")
@@ -86,6 +101,15 @@ def decode_image(encoded: str, max_pixels: int | None) -> Image.Image:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError("not valid base64") from error
+    return read_image(raw, max_pixels)
+
+
+def read_image(raw: bytes, max_pixels: int | None) -> Image.Image:
+    """Image file bytes -> a fully loaded RGB PIL image.
+
+    Raises ValueError for anything that is not a complete image, or one with more than ``max_pixels``
+    pixels (checked from the header, before the pixels are decoded).
+    """
     try:
         image = Image.open(io.BytesIO(raw))
         width, height = image.size

@@ -394,14 +394,20 @@ def test_hot_reload_switches_version_without_dropping_requests(server):
         time.sleep(1.0)
         set_alias("ldm", "champion", new_version)
         _wait_for_version(url, new_version)
-        time.sleep(1.0)
+        # Batches that started before the swap finish on version 1; wait for one that started after
+        # (no fixed sleep: a 20-step batch can take seconds on a loaded machine).
+        deadline = time.monotonic() + 120
+        while (new_version, 200) not in {(version, code) for code, version in answers}:
+            assert time.monotonic() < deadline, answers
+            time.sleep(0.2)
     finally:
         stop.set()
         for caller in callers:
             caller.join()
     assert {code for code, _ in answers} == {200}, answers
     versions = [version for _, version in answers]
-    assert versions[0] == "1" and versions[-1] == "2", versions
+    # One replica runs one batch at a time: once version 2 answered, version 1 never answers again.
+    assert versions[0] == "1" and versions[-1] == "2" and versions == sorted(versions), versions
     # The new version really serves the new weights: the image is the v2 model's.
     served = post({"url": url}, {"prompt": "a red circle", "seed": 4}).json()
     assert served["model"]["version"] == "2"
@@ -497,3 +503,65 @@ def test_openai_sdk_wrong_key_is_401(server):
     with pytest.raises(openai.AuthenticationError) as raised:
         openai_client(server, api_key="wrong").images.generate(prompt="x")
     assert raised.value.response.json()["error"]["code"] == "invalid_api_key"
+
+
+def png_file(image: Image.Image) -> bytes:
+    return base64.b64decode(png_b64(image))
+
+
+def test_openai_sdk_images_edit_is_image_to_image(server, local_pipe):
+    init_image = Image.new("RGB", (48, 40), (200, 30, 30))
+    client = openai_client(server)
+    result = client.images.edit(
+        image=("init.png", png_file(init_image), "image/png"),
+        prompt="a blue square",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"seed": 9, "strength": 0.5, "num_inference_steps": 4},
+    )
+    images = [decode(item.b64_json) for item in result.data]
+    assert [(image.format, image.size) for image in images] == [("PNG", (32, 32))] * 2
+    # The same image-to-image run as /v1/img2img and the local pipeline (the multipart fields are text
+    # on the wire: "9", "0.5" and "4" arrive as numbers).
+    local = generate_img2img(
+        local_pipe, init_image, "a blue square", strength=0.5, seed=9, num_inference_steps=4, num_images=2
+    ).images
+    assert np.abs(pixels(images[1]) - pixels(local[1])).max() <= 2
+    # A plain call (size "auto", server defaults) answers the model's own size.
+    plain = client.images.edit(image=("init.png", png_file(init_image), "image/png"), prompt="x")
+    assert decode(plain.data[0].b64_json).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"image": ("x.png", b"hello, not an image", "image/png")}, "image"),
+        ({"image": ("x.png", png_file(Image.new("RGB", (65, 64))), "image/png")}, "image"),  # > MAX_PIXELS
+        ({"image": [("a.png", png_file(Image.new("RGB", (8, 8))), "image/png")] * 2}, "image"),
+        ({"mask": ("m.png", png_file(Image.new("RGBA", (16, 16))), "image/png")}, "mask"),
+        ({"response_format": "url"}, "response_format"),
+        ({"size": "30x30"}, "size"),
+        ({"n": 9}, "n"),
+        ({"extra_body": {"strength": 1.5}}, "strength"),
+        ({"extra_body": {"strength": 0.1, "num_inference_steps": 5}}, "strength"),
+    ],
+)
+def test_openai_sdk_edit_errors_are_400_in_openais_shape(server, options, param):
+    import openai
+
+    arguments = {"image": ("x.png", png_file(Image.new("RGB", (16, 16))), "image/png"), "prompt": "x"}
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client(server).images.edit(**(arguments | options))
+    error = raised.value.response.json()["error"]
+    assert raised.value.status_code == 400
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+
+
+def test_images_edit_without_a_file_is_400_and_needs_the_key(server):
+    url = f"{server['url']}/v1/images/edits"
+    missing = requests.post(url, data={"prompt": "x"}, headers=AUTH, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "image", missing.text
+    files = {"image": ("x.png", png_file(Image.new("RGB", (16, 16))), "image/png")}
+    unauthorised = requests.post(url, data={"prompt": "x"}, files=files, timeout=60)
+    assert unauthorised.status_code == 401

@@ -35,8 +35,9 @@ def served(ray_local, tmp_path):
     app["args"] |= {"model": str(tiny_pipeline_folder(tmp_path / "tiny")), "workdir": str(tmp_path)}
     app["args"] |= {"num_inference_steps": 30, "max_batch_size": 1}
     (generator,) = app["deployments"]
-    # The override under test: one request at a time, no queue (the shipped file queues 8).
-    generator |= {"max_ongoing_requests": 1, "max_queued_requests": 0}
+    # The override under test: one request at a time, one waiting (the shipped file: 4 and 8).
+    # (Ray refuses 0: a queue limit is -1, unlimited, or positive.)
+    generator |= {"max_ongoing_requests": 1, "max_queued_requests": 1}
     generator["autoscaling_config"] |= {"max_replicas": 1}
     generator["ray_actor_options"] |= {"num_cpus": 0.1}
     path = tmp_path / "serve-config.yaml"
@@ -69,6 +70,6 @@ def test_serve_run_with_the_shipped_config_applies_a_deployments_override(served
                 lambda _: requests.post(f"{served}/v1/generate", json=body, timeout=120).status_code, range(6)
             )
         )
-    # capacity 1 running + 0 queued: the rest are shed at once (the shipped 4 + 8 would take all 6)
+    # capacity 1 running + 1 queued: the rest are shed at once (the shipped 4 + 8 would take all 6)
     assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
     assert requests.post(f"{served}/v1/generate", json=body, timeout=120).status_code == 200

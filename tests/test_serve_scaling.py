@@ -29,6 +29,11 @@ pytestmark = [
 ]
 
 
+# A bound, not a measurement: starting a replica (a Ray worker importing torch and diffusers, then
+# loading the model) took 187 s on a loaded 2-core machine; the autoscaler itself decided in ~13 s.
+REPLICA_START_TIMEOUT_S = 360
+
+
 def running_replicas(app: str) -> int:
     from ray import serve
 
@@ -98,13 +103,13 @@ def test_load_scales_up_to_two_replicas_and_back_down(apps):
     for worker in workers:
         worker.start()
     try:
-        wait_until(lambda: running_replicas("scale") == 2, 60, "scale-up to 2 replicas")
+        wait_until(lambda: running_replicas("scale") == 2, REPLICA_START_TIMEOUT_S, "scale-up to 2 replicas")
     finally:
         stop.set()
         for worker in workers:
             worker.join()
     assert codes.count(200) > 0 and set(codes) <= {200, 408, 503}, set(codes)
-    wait_until(lambda: running_replicas("scale") == 1, 60, "scale-down to 1 replica")
+    wait_until(lambda: running_replicas("scale") == 1, REPLICA_START_TIMEOUT_S, "scale-down to 1 replica")
     assert post(url, {"prompt": "x"}).status_code == 200
 
 
@@ -129,7 +134,7 @@ def test_a_killed_replica_is_replaced_while_the_service_keeps_answering(apps):
     started = time.monotonic()
     # Until Serve has started a replica with a new name and reports two running again.
     while not (steady_replicas() - before and running_replicas("steady") == 2):
-        assert time.monotonic() - started < 60, "the killed replica was not replaced within 60 s"
+        assert time.monotonic() - started < REPLICA_START_TIMEOUT_S, "the killed replica was not replaced"
         codes.append(post(url, {"prompt": "x", "seed": len(codes)}).status_code)
     assert victim not in steady_replicas()
     # The surviving replica answered all along: at most the request routed to the dead one failed.
@@ -145,7 +150,11 @@ def test_request_timeout_gives_408_and_the_service_keeps_serving(apps):
         codes = list(pool.map(lambda _: post(url, slow).status_code, range(8)))
     assert 408 in codes and set(codes) <= {200, 408}, codes
     # Work already running finishes in the background; the service answers again once it has.
-    wait_until(lambda: post(url, {"prompt": "x"}).status_code == 200, 60, "the service to answer again")
+    wait_until(
+        lambda: post(url, {"prompt": "x"}).status_code == 200,
+        REPLICA_START_TIMEOUT_S,
+        "the service to answer again",
+    )
 
 
 def test_health_check_fails_for_a_broken_model(apps):
@@ -176,7 +185,7 @@ def test_health_check_fails_for_a_broken_model(apps):
         return deployment.status in ("UNHEALTHY", "DEPLOY_FAILED")
 
     try:
-        wait_until(unhealthy, 60, "the broken model's deployment to be marked unhealthy")
+        wait_until(unhealthy, REPLICA_START_TIMEOUT_S, "the broken model's deployment to be marked unhealthy")
         message = serve.status().applications["broken"].deployments["Generator"].message
         assert "health" in message.lower(), message
     finally:
