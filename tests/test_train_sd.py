@@ -141,7 +141,9 @@ def test_lora_trains_only_the_adapter_checkpoints_resumes_and_exports(tmp_path, 
 
     checkpoint = sorted((tmp_path / "ckpt").iterdir())[-1]
     assert (checkpoint / LORA_DIR).is_dir() and not (checkpoint / UNET_DIR).exists()
-    longer = LoopInputs(cfg.model_copy(update={"max_steps": 3}), facts, init.weights, init.unet_config, init.schedule)
+    longer = LoopInputs(
+        cfg.model_copy(update={"max_steps": 3}), facts, init.weights, init.unet_config, init.schedule
+    )
     resumed = train_loop(longer, batches, world, [NanGuard(), CheckpointReporter()])
     assert resumed.resumed_from == 2 and resumed.step == 3
 
@@ -163,7 +165,11 @@ def test_lora_trains_only_the_adapter_checkpoints_resumes_and_exports(tmp_path, 
 
 @pytest.mark.slow
 def test_full_fine_tune_with_checkpoints_on_s3_resumes_the_step_count(
-    tmp_path, tmp_path_factory, ray_local, monkeypatch, s3_endpoint  # noqa: F811
+    tmp_path,
+    tmp_path_factory,
+    ray_local,
+    monkeypatch,
+    s3_endpoint,  # noqa: F811
 ):
     import mlflow
     from diffusers import StableDiffusionPipeline

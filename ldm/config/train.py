@@ -108,7 +108,9 @@ class TrainConfig(ConfigBase):
                 f"batch_size {self.batch_size} is not divisible by num_workers x grad_accum_steps = {parts}"
             )
         if (self.from_scratch or self.lora.enabled) and not self.init_from:
-            raise ValueError("from_scratch and lora need init_from (the pipeline folder whose U-Net they use)")
+            raise ValueError(
+                "from_scratch and lora need init_from (the pipeline folder whose U-Net they use)"
+            )
         return self
 
     @property

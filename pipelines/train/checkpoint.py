@@ -112,7 +112,11 @@ def exported_weights_dir(folder: Path) -> Path:
 
 def adapter_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA adapter's tensors of ``module`` under their parameter names (peft's ``lora_A``/``lora_B``)."""
-    return {name: value.detach().cpu().contiguous() for name, value in module.state_dict().items() if ".lora_" in name}
+    return {
+        name: value.detach().cpu().contiguous()
+        for name, value in module.state_dict().items()
+        if ".lora_" in name
+    }
 
 
 def _save_adapter(module: torch.nn.Module, folder: Path) -> None:

@@ -215,7 +215,9 @@ def build_training_state(
     if inputs.unet_config is not None:
         unet = UNet2DConditionModel.from_config(dict(inputs.unet_config))
     else:
-        unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1])
+        unet = build_unet(
+            cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1]
+        )
     if inputs.init_weights is not None:
         unet.load_state_dict(dict(inputs.init_weights))
     if cfg.lora.enabled:

@@ -62,7 +62,9 @@ def resolve_init(cfg: TrainConfig, facts: LatentsFacts, download_dir: Path) -> I
     ``download_dir``): its U-Net config is the architecture, its scheduler the objective's default;
     checked against the data's shapes. Without ``init_from``: ``cfg.unet`` and the SD schedule."""
     if not cfg.init_from:
-        unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1])
+        unet = build_unet(
+            cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1]
+        )
         schedule = NoiseSchedule(prediction_type=cfg.prediction_type or "epsilon")
         return InitSource(None, schedule, None, None, parameter_counts(unet))
     folder = init_folder(cfg.init_from, download_dir)
