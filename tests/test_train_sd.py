@@ -171,15 +171,15 @@ def test_full_fine_tune_with_checkpoints_on_s3_resumes_the_step_count(
     monkeypatch,
     s3_endpoint,  # noqa: F811
 ):
+    import boto3
     import mlflow
     from diffusers import StableDiffusionPipeline
 
-    from ldm import storage
     from ldm.tracking import configure
     from pipelines.train import run_train
 
     use_s3(monkeypatch, s3_endpoint, tmp_path / "cache")
-    storage.s3_filesystem().create_dir("ckpts")
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="ckpts")
     folder = sd_folder_for_session(tmp_path_factory, "sd1")
     work = write_sd_data(tmp_path / "work", folder)
     cfg = TrainConfig(
@@ -220,3 +220,12 @@ def test_full_fine_tune_with_checkpoints_on_s3_resumes_the_step_count(
     assert params["trainable_params"] == params["total_params"] != "0"
     assert params["prediction_type"] == "epsilon"
     assert math.isfinite(second["final_loss"])
+
+    # LoRA under DDP (2 workers): only the adapter's gradients sync, and the replicas end equal.
+    lora = run_train(cfg.model_copy(update={"run_name": "sd1-lora", "lora": LoraConfig(rank=4)}))
+    assert lora["exported_weights"] == "ema_lora"
+    assert len(lora["replicas"]) == 2
+    assert lora["replicas"][0]["sha256"] == lora["replicas"][1]["sha256"]
+    assert (Path(lora["export"]) / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    lora_params = client.get_run(lora["run_id"]).data.params
+    assert 0 < int(lora_params["trainable_params"]) < int(lora_params["total_params"])

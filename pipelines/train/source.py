@@ -61,6 +61,8 @@ def resolve_init(cfg: TrainConfig, facts: LatentsFacts, download_dir: Path) -> I
     """Read ``cfg.init_from`` (pipeline folder, ``s3://``, ``models:/``/``runs:/``, downloaded into
     ``download_dir``): its U-Net config is the architecture, its scheduler the objective's default;
     checked against the data's shapes. Without ``init_from``: ``cfg.unet`` and the SD schedule."""
+    # Any: mypy does not see torch.nn.Module through diffusers' untyped bases (as in ldm/lora.py)
+    unet: Any
     if not cfg.init_from:
         unet = build_unet(
             cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_embedding_shape[1]
