@@ -27,8 +27,8 @@ from pipelines.train import (
     caption_dropout,
     ema_decay_at,
     learning_rate,
-    load_init_unet,
     replica_fingerprint,
+    resolve_init,
     tensor_batches,
     train_loop,
     update_ema,
@@ -120,29 +120,27 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_autocast_stays
     assert math.isfinite(bf16_grad.abs().sum().item()) and not torch.equal(bf16_grad, plain_grad)
 
 
-def test_init_from_a_pipeline_folder_and_a_mismatched_architecture(tmp_path):
-    from ldm.testing import tiny_pipeline_folder
+def test_init_from_a_pipeline_folder_takes_its_architecture_and_checks_the_data_shapes(tmp_path):
+    from ldm.testing import tiny_components, tiny_pipeline_folder
 
     folder = tiny_pipeline_folder(tmp_path / "model", seed=3)
-    matching = UNetConfig(
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
     facts = LatentsFacts(scaling_factor=1.0, latent_shape=(4, 8, 8), text_embedding_shape=(16, 32))
-    weights = load_init_unet(str(folder), TrainConfig(unet=matching), facts)
-    from ldm.testing import tiny_components
-
+    # The folder's U-Net config is the architecture: a `unet` section that differs is not used.
+    other = UNetConfig()  # the demo default: (64, 128, 128)
+    init = resolve_init(TrainConfig(unet=other, init_from=str(folder)), facts, tmp_path / "dl")
     reference = tiny_components(seed=3)["unet"]
-    assert all(torch.equal(weights[name], value) for name, value in reference.state_dict().items())
+    assert init.unet_config is not None and init.weights is not None
+    assert init.unet_config["block_out_channels"] == list(reference.config.block_out_channels)
+    assert all(torch.equal(init.weights[name], value) for name, value in reference.state_dict().items())
+    assert init.schedule.prediction_type == "epsilon"
+    assert init.counts.trainable == init.counts.total == sum(p.numel() for p in reference.parameters())
     assert replica_fingerprint(reference) != replica_fingerprint(tiny_components(seed=4)["unet"])
 
-    wider = matching.model_copy(update={"block_out_channels": (32, 32)})
-    with pytest.raises(DataError, match="does not match"):
-        load_init_unet(str(folder), TrainConfig(unet=wider), facts)
-    with pytest.raises(FileNotFoundError):
-        load_init_unet(str(tmp_path / "missing"), TrainConfig(unet=matching), facts)
+    wider_text = LatentsFacts(scaling_factor=1.0, latent_shape=(4, 8, 8), text_embedding_shape=(16, 64))
+    with pytest.raises(DataError, match="cross-attends to 32-wide"):
+        resolve_init(TrainConfig(init_from=str(folder)), wider_text, tmp_path / "dl")
+    with pytest.raises(DataError, match="no such model"):
+        resolve_init(TrainConfig(init_from=str(tmp_path / "missing")), facts, tmp_path / "dl")
 
 
 def test_batch_must_split_over_workers_and_accumulation_steps():

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ldm.config.base import ConfigBase
+from ldm.config.lora import LoraConfig
 from ldm.diffusion import LossWeighting, PredictionType
 from ldm.unet import UNetConfig
 
@@ -32,11 +33,15 @@ class TrainConfig(ConfigBase):
     autoencoder: str | None = None  # spec for ldm.first_stage.load_autoencoder
     text_encoder: str | None = None  # spec for ldm.first_stage.load_text_encoder
 
-    # Architecture.
+    # Architecture: `unet` when training from scratch; with `init_from` the folder's own U-Net config is
+    # the architecture (any diffusers UNet2DConditionModel: SD 1.x, SD 2.x) and `unet` is not used.
     unet: UNetConfig = UNetConfig()
+    from_scratch: bool = False  # with init_from: keep its architecture, re-initialise the weights (seed)
+    lora: LoraConfig = LoraConfig()  # lora.rank set: train only a LoRA adapter on init_from's U-Net
 
-    # Objective (ldm/diffusion.py).
-    prediction_type: PredictionType = "epsilon"
+    # Objective (ldm/diffusion.py). prediction_type None: init_from's scheduler says (else epsilon);
+    # init_from's beta schedule is used too (ldm/sd_format.py NoiseSchedule).
+    prediction_type: PredictionType | None = None
     loss_weighting: LossWeighting = "min_snr"
     snr_gamma: float = Field(5.0, gt=0)
     noise_offset: float = Field(0.0, ge=0)
@@ -91,6 +96,9 @@ class TrainConfig(ConfigBase):
     experiment: str = "train"
     model_name: str = "ldm"
     run_name: str | None = None  # Ray Train run folder and MLflow run name; default train-<timestamp>
+    # Where Ray Train keeps checkpoints (a folder or s3://bucket/prefix); None: <workdir>/runs.
+    # Re-launching with the same storage_path and run_name resumes from the last checkpoint there.
+    storage_path: str | None = None
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
@@ -98,6 +106,10 @@ class TrainConfig(ConfigBase):
         if self.batch_size % parts:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by num_workers x grad_accum_steps = {parts}"
+            )
+        if (self.from_scratch or self.lora.enabled) and not self.init_from:
+            raise ValueError(
+                "from_scratch and lora need init_from (the pipeline folder whose U-Net they use)"
             )
         return self
 

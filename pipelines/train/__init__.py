@@ -27,7 +27,7 @@ from pipelines.train.recipe import (
     replica_fingerprint,
     update_ema,
 )
-from pipelines.train.source import load_first_stage, load_init_unet
+from pipelines.train.source import InitSource, load_first_stage, resolve_init
 from pipelines.train.world import LocalWorld, RayWorld, World
 
 __all__ = [
@@ -50,7 +50,8 @@ __all__ = [
     "learning_rate",
     "load_checkpoint",
     "load_first_stage",
-    "load_init_unet",
+    "resolve_init",
+    "InitSource",
     "ray_batches",
     "read_checkpoint_state",
     "read_latents_facts",

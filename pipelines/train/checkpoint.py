@@ -4,6 +4,10 @@ A checkpoint folder holds ``unet/`` and ``ema_unet/`` (``save_pretrained``), the
 (tensors in safetensors, param groups in JSON), ``state.json`` (step, epoch, lr and the metrics
 reported with it) and ``config.yaml``. The learning-rate schedule is a pure function of (step,
 config), so step + config restore it.
+
+A LoRA run (``lora.rank`` set) keeps only what trains: ``lora/`` and ``ema_lora/`` hold the adapter's
+tensors (``adapter.safetensors``, the U-Net's own parameter names); the frozen base comes from
+``init_from`` again on resume and export.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from typing import Any
 import torch
 
 from ldm.config.train import TrainConfig
+from ldm.lora import has_lora
 from pipelines.train.recipe import learning_rate
 
 UNET_DIR = "unet"
 EMA_UNET_DIR = "ema_unet"
+LORA_DIR = "lora"
+EMA_LORA_DIR = "ema_lora"
+ADAPTER_FILE = "adapter.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
@@ -40,9 +48,14 @@ def save_checkpoint(
     """U-Net (and its EMA) via ``save_pretrained``, optimizer state, step, epoch and config."""
     from safetensors.torch import save_file
 
-    unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
-    if ema_unet is not None:
-        ema_unet.save_pretrained(folder / EMA_UNET_DIR, safe_serialization=True)
+    if has_lora(unet):
+        _save_adapter(unet, folder / LORA_DIR)
+        if ema_unet is not None:
+            _save_adapter(ema_unet, folder / EMA_LORA_DIR)
+    else:
+        unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        if ema_unet is not None:
+            ema_unet.save_pretrained(folder / EMA_UNET_DIR, safe_serialization=True)
     state = optimizer.state_dict()
     tensors = {
         f"{param_id}.{name}": value.detach().cpu().contiguous()
@@ -70,11 +83,17 @@ def load_checkpoint(
     """Load weights and optimizer state saved by ``save_checkpoint`` in place; returns the step."""
     from safetensors.torch import load_file
 
-    unet.load_state_dict(load_file(str(folder / UNET_DIR / WEIGHTS_FILE)))
-    if ema_unet is not None:
-        # A checkpoint written without EMA (ema_decay was None) starts the EMA from the weights.
-        ema_source = folder / EMA_UNET_DIR if (folder / EMA_UNET_DIR).is_dir() else folder / UNET_DIR
-        ema_unet.load_state_dict(load_file(str(ema_source / WEIGHTS_FILE)))
+    # A checkpoint written without EMA (ema_decay was None) starts the EMA from the weights.
+    if (folder / LORA_DIR).is_dir():
+        load_adapter(folder / LORA_DIR, unet)
+        if ema_unet is not None:
+            ema_folder = folder / EMA_LORA_DIR
+            load_adapter(ema_folder if ema_folder.is_dir() else folder / LORA_DIR, ema_unet)
+    else:
+        unet.load_state_dict(load_file(str(folder / UNET_DIR / WEIGHTS_FILE)))
+        if ema_unet is not None:
+            ema_source = folder / EMA_UNET_DIR if (folder / EMA_UNET_DIR).is_dir() else folder / UNET_DIR
+            ema_unet.load_state_dict(load_file(str(ema_source / WEIGHTS_FILE)))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(folder / OPTIMIZER_WEIGHTS)).items():
         param_id, name = key.split(".", 1)
@@ -85,5 +104,37 @@ def load_checkpoint(
 
 
 def exported_weights_dir(folder: Path) -> Path:
-    """The U-Net a checkpoint exports: its EMA when the run kept one, else the trained weights."""
+    """The U-Net (or adapter) a checkpoint exports: its EMA when the run kept one, else the trained weights."""
+    if (folder / LORA_DIR).is_dir():
+        return folder / (EMA_LORA_DIR if (folder / EMA_LORA_DIR).is_dir() else LORA_DIR)
     return folder / (EMA_UNET_DIR if (folder / EMA_UNET_DIR).is_dir() else UNET_DIR)
+
+
+def adapter_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapter's tensors of ``module`` under their parameter names (peft's ``lora_A``/``lora_B``)."""
+    return {
+        name: value.detach().cpu().contiguous()
+        for name, value in module.state_dict().items()
+        if ".lora_" in name
+    }
+
+
+def _save_adapter(module: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_tensors(module), str(folder / ADAPTER_FILE))
+
+
+def load_adapter(folder: Path, module: torch.nn.Module) -> None:
+    """Load an adapter saved by ``save_checkpoint`` into ``module`` (which has the same adapter added)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / ADAPTER_FILE))
+    expected = set(adapter_tensors(module))
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{folder}: the checkpoint's adapter does not match this run's lora config "
+            f"({len(tensors)} tensors saved, {len(expected)} expected)"
+        )
+    module.load_state_dict(tensors, strict=False)

@@ -1,5 +1,9 @@
 """From the last checkpoint to a registered model: a diffusers pipeline folder with the EMA U-Net
-(when the run kept one) and the run's first-stage models, registered with alias ``candidate``."""
+(when the run kept one) and the run's first-stage models, registered with alias ``candidate``.
+
+With ``init_from`` the folder is ``ldm/sd_format.py``'s ``export_sd_pipeline`` (the source's scheduler
+class, with the schedule training used); a LoRA run exports ``export_lora_pipeline``: the adapter fused
+into the U-Net, and ``lora/pytorch_lora_weights.safetensors`` for ``load_lora_weights``."""
 
 from __future__ import annotations
 
@@ -8,30 +12,46 @@ from pathlib import Path
 from typing import Any
 
 from ldm.config.train import TrainConfig
-from ldm.diffusion import make_noise_scheduler
-from pipelines.train.checkpoint import exported_weights_dir, read_checkpoint_state
+from ldm.lora import add_lora, export_lora_pipeline
+from ldm.sd_format import export_sd_pipeline
+from pipelines.train.checkpoint import (
+    EMA_LORA_DIR,
+    LORA_DIR,
+    exported_weights_dir,
+    load_adapter,
+    read_checkpoint_state,
+)
+from pipelines.train.source import InitSource
 from pipelines.train.tracking import DriverTracking
 
 
 def export_checkpoint(
-    folder: Path, first_stage: dict[str, Any], cfg: TrainConfig, export_dir: Path
+    folder: Path, first_stage: dict[str, Any], cfg: TrainConfig, export_dir: Path, init: InitSource
 ) -> tuple[str, dict[str, Any]]:
     """Save the checkpoint in ``folder`` as a pipeline in ``export_dir``; returns the exported weights'
-    folder name (``ema_unet`` or ``unet``) and the checkpoint's state."""
+    folder name (``ema_unet``, ``unet``, ``ema_lora`` or ``lora``) and the checkpoint's state."""
     from diffusers import UNet2DConditionModel
 
     from ldm.pipeline import assemble_pipeline, save_pipeline
 
     weights = exported_weights_dir(folder)
-    unet = UNet2DConditionModel.from_pretrained(weights, local_files_only=True, use_safetensors=True)
-    pipe = assemble_pipeline(
-        unet.eval(),
-        first_stage["vae"],
-        first_stage["text_encoder"],
-        first_stage["tokenizer"],
-        make_noise_scheduler(cfg.prediction_type),
-    )
-    save_pipeline(pipe, export_dir)
+    if init.folder is None:
+        unet = UNet2DConditionModel.from_pretrained(weights, local_files_only=True, use_safetensors=True)
+        scheduler = init.schedule.make_scheduler()
+        parts = (first_stage["vae"], first_stage["text_encoder"], first_stage["tokenizer"])
+        save_pipeline(assemble_pipeline(unet.eval(), *parts, scheduler), export_dir)
+        return weights.name, read_checkpoint_state(folder)
+    # The run's first-stage models replace the folder's: the VAE carries the data's scaling factor.
+    components = {name: first_stage[name] for name in ("vae", "text_encoder", "tokenizer")}
+    if weights.name in (LORA_DIR, EMA_LORA_DIR):
+        base: Any = UNet2DConditionModel.from_config(init.unet_config)
+        base.load_state_dict(init.weights)
+        add_lora(base, cfg.lora, seed=cfg.seed)
+        load_adapter(weights, base)
+        export_lora_pipeline(init.folder, base.eval(), export_dir, schedule=init.schedule, **components)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(weights, local_files_only=True, use_safetensors=True)
+        export_sd_pipeline(init.folder, unet.eval(), export_dir, schedule=init.schedule, **components)
     return weights.name, read_checkpoint_state(folder)
 
 

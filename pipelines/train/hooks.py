@@ -118,7 +118,7 @@ class SampleGrids(Hook):
             self.parts["vae"],
             self.parts["text_encoder"],
             self.parts["tokenizer"],
-            make_noise_scheduler(cfg.prediction_type),
+            make_noise_scheduler(cfg.prediction_type or "epsilon"),
         )
         result = generate(
             pipe,

@@ -7,12 +7,16 @@ The job is a short recipe run by the driver (``run_train``):
 2. read the latents' facts from the Parquet schema (scaling factor, latent and text-embedding shapes);
 3. precompute the empty-prompt embedding (caption dropout) with the run's text encoder;
 4. open the MLflow run: full config as params and YAML, the data manifest as the run's input;
-5. with ``init_from``, resolve the model whose U-Net starts training (fine-tuning);
+5. with ``init_from`` (any diffusers SD pipeline folder, ``ldm/sd_format.py``), resolve the model whose
+   U-Net config is the architecture and whose scheduler is the objective's default; its weights start
+   training (or, ``from_scratch``, seeded ones); ``lora`` trains an adapter on them;
 6. fit a ``TorchTrainer`` whose workers run ``train_loop`` (``pipelines/train/loop.py``) in a
    ``RayWorld``: DDP (gloo on CPU, NCCL on GPU), each worker streaming its shard with Ray Data;
    ``FailureConfig(max_failures)`` restarts a failed worker group from the last checkpoint;
-7. export the last checkpoint's EMA U-Net as a diffusers pipeline folder and register it, linked to
-   the run (alias ``candidate``).
+7. export the last checkpoint's EMA U-Net (or adapter) as a diffusers pipeline folder and register
+   it, linked to the run (alias ``candidate``).
+
+Checkpoints go to ``storage_path`` (default ``<workdir>/runs``; ``s3://`` through a pyarrow filesystem).
 """
 
 from __future__ import annotations
@@ -27,17 +31,18 @@ import torch
 from ldm import storage
 from ldm.config.train import TrainConfig
 from ldm.contract import COL_LATENT, LATENTS_DIR, WorkDir, train_rows
+from ldm.sd_format import NoiseSchedule
 from pipelines.train.conditioning import TextConditioning, text_conditioning
 from pipelines.train.data import LatentsFacts, ray_batches, read_latents_facts
 from pipelines.train.export import export_checkpoint, register
 from pipelines.train.hooks import fault_from_env, standard_hooks
 from pipelines.train.loop import LoopInputs, train_loop
 from pipelines.train.monitor import WorkerTracking
-from pipelines.train.source import load_first_stage, load_init_unet
+from pipelines.train.source import load_first_stage, resolve_init
 from pipelines.train.tracking import DriverTracking
 from pipelines.train.world import RayWorld
 
-PATH_FIELDS = ("workdir", "data", "autoencoder", "text_encoder", "init_from")
+PATH_FIELDS = ("workdir", "data", "autoencoder", "text_encoder", "init_from", "storage_path")
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -59,6 +64,8 @@ class WorkerArgs:
     facts: LatentsFacts
     conditioning: TextConditioning  # stored embeddings, or stored ids and the frozen text encoder
     init_weights: Any  # ray.ObjectRef of the fine-tuning U-Net's state dict, or None
+    unet_config: dict[str, Any] | None  # init_from's U-Net config (the architecture), or None
+    schedule: NoiseSchedule  # the objective's noise schedule and prediction type
     run_id: str | None
     tracking_uri: str
     fault: tuple[int, int] | None  # test hook, see pipelines/train/hooks.py FaultInjection
@@ -80,7 +87,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if world.rank == 0 and args.run_id is not None:
         tracking = WorkerTracking(args.run_id, args.tracking_uri)
     hooks = standard_hooks(world.rank, tracking, args.facts.scaling_factor, args.fault)
-    train_loop(LoopInputs(args.cfg, args.facts, init_weights), batches, world, hooks)
+    inputs = LoopInputs(args.cfg, args.facts, init_weights, args.unet_config, args.schedule)
+    train_loop(inputs, batches, world, hooks)
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -101,18 +109,23 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     first_stage = load_first_stage(cfg, facts.scaling_factor)
     facts, conditioning = text_conditioning(facts, first_stage["tokenizer"], first_stage["text_encoder"])
 
-    ensure_ray(cfg.ray_address, cfg.num_cpus)
     run_name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
+    # Fine-tuning: the driver resolves the model once; workers get the weights from the object store
+    # (a worker on another node cannot read the driver's disk). The objective's prediction type is
+    # the folder's unless the config names one: resolved here, so params and checkpoints record it.
+    init = resolve_init(cfg, facts, work.root / "init" / run_name)
+    cfg = cfg.model_copy(update={"prediction_type": init.schedule.prediction_type})
+    ensure_ray(cfg.ray_address, cfg.num_cpus)
     tracking = DriverTracking(cfg.workdir)
     tracking.start(cfg, run_name, data_uri, facts)
-    # Fine-tuning: the driver resolves the model once; workers get the weights from the object store
-    # (a worker on another node cannot read the driver's disk).
-    init_weights = ray.put(load_init_unet(cfg.init_from, cfg, facts)) if cfg.init_from else None
+    tracking.log_params({"trainable_params": init.counts.trainable, "total_params": init.counts.total})
     args = WorkerArgs(
         cfg,
         facts,
         conditioning,
-        init_weights,
+        ray.put(init.weights) if init.weights is not None else None,
+        init.unet_config,
+        init.schedule,
         tracking.run_id,
         tracking.tracking_uri,
         fault_from_env(),
@@ -125,7 +138,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     export_dir = work.exports / (tracking.run_id or run_name)
     with result.checkpoint.as_directory() as folder:
-        exported, state = export_checkpoint(Path(folder), first_stage, cfg, export_dir)
+        exported, state = export_checkpoint(Path(folder), first_stage, cfg, export_dir, init)
     final_loss = float(result.metrics.get("loss", state.get("loss", float("nan"))))
     version = register(export_dir, cfg, tracking)
     tracking.log_final({"final_loss": final_loss, "final_step": state["step"]}, export_dir)
@@ -151,6 +164,9 @@ def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> An
 
     cfg = args.cfg
     fs, latents_path = storage.filesystem(latents_uri)
+    # Checkpoints on s3:// need no shared volume: Ray Train writes through the pyarrow filesystem
+    # (which carries the endpoint and credentials to the workers when pickled).
+    checkpoints_fs, checkpoints_path = storage.filesystem(cfg.storage_path or str(work.runs))
     # Hold-out rows (ingest's `split` column) are for `ldm eval` only: training never reads them.
     dataset = (
         ray.data.read_parquet(latents_path, filesystem=fs)
@@ -168,7 +184,8 @@ def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> An
             placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
-            storage_path=str(work.runs),
+            storage_path=checkpoints_path,
+            storage_filesystem=checkpoints_fs if storage.is_remote(cfg.storage_path or "") else None,
             name=run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),

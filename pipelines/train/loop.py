@@ -23,11 +23,12 @@ import torch
 
 from ldm.config.train import TrainConfig
 from ldm.diffusion import (
-    make_noise_scheduler,
     timestep_bucket_names,
     timestep_bucket_sums,
     training_loss_terms,
 )
+from ldm.lora import add_lora
+from ldm.sd_format import NoiseSchedule
 from ldm.unet import build_unet
 from pipelines.train.checkpoint import load_checkpoint, read_checkpoint_state
 from pipelines.train.data import Batch, BatchSource, LatentsFacts
@@ -42,6 +43,15 @@ class LoopInputs:
     cfg: TrainConfig
     facts: LatentsFacts
     init_weights: Mapping[str, torch.Tensor] | None = None  # fine-tuning: the U-Net to start from
+    # init_from's diffusers U-Net config (the architecture); None: built from cfg.unet
+    unet_config: Mapping[str, Any] | None = None
+    schedule: NoiseSchedule | None = None  # init_from's; None: SD's schedule, cfg.prediction_type
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        if self.schedule is not None:
+            return self.schedule
+        return NoiseSchedule(prediction_type=self.cfg.prediction_type or "epsilon")
 
 
 class MetricsWindow:
@@ -141,7 +151,7 @@ def train_loop(
     model = world.prepare_model(unet)  # DDP when world.size > 1
     if ema_unet is not None:
         ema_unet.to(device).eval()
-    scheduler: Any = make_noise_scheduler(cfg.prediction_type)  # Any: diffusers' config is dynamic
+    scheduler: Any = inputs.noise_schedule.make_scheduler()  # Any: diffusers' config is dynamic
     generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, world.rank, step))
     stream = batches(epoch)
     buckets = timestep_bucket_names(cfg.timestep_buckets, scheduler.config.num_train_timesteps)
@@ -195,16 +205,27 @@ def train_loop(
 def build_training_state(
     inputs: LoopInputs,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.optim.Optimizer]:
-    """The U-Net (seeded, or the fine-tuning weights), its EMA copy, and AdamW over the U-Net."""
+    """The U-Net (seeded, or the fine-tuning weights; with ``lora`` frozen under an adapter), its EMA
+    copy, and AdamW over what trains (the whole U-Net, or only the adapter)."""
+    from diffusers import UNet2DConditionModel
+
     cfg, facts = inputs.cfg, inputs.facts
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
+    unet: Any  # diffusers' U-Net: its PeftAdapterMixin methods are untyped
+    if inputs.unet_config is not None:
+        unet = UNet2DConditionModel.from_config(dict(inputs.unet_config))
+    else:
+        unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
     if inputs.init_weights is not None:
         unet.load_state_dict(dict(inputs.init_weights))
+    if cfg.lora.enabled:
+        add_lora(unet, cfg.lora, seed=cfg.seed)  # freezes the U-Net; only the adapter trains
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    # With LoRA the copy's base weights stay equal to the U-Net's: update_ema moves the adapter only.
     ema_unet = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay is not None else None
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return unet, ema_unet, optimizer
 
 
@@ -244,7 +265,7 @@ def forward_backward(
                     latents,
                     text,
                     scheduler,
-                    prediction_type=cfg.prediction_type,
+                    prediction_type=scheduler.config.prediction_type,
                     loss_weighting=cfg.loss_weighting,
                     snr_gamma=cfg.snr_gamma,
                     noise_offset=cfg.noise_offset,

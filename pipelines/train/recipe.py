@@ -31,14 +31,16 @@ def ema_decay_at(step: int, max_decay: float) -> float:
 
 @torch.no_grad()
 def update_ema(ema_unet: torch.nn.Module, unet: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, in place.
+    """ema <- decay * ema + (1 - decay) * weights, in place, for the weights that train (with LoRA: the
+    adapter only; the frozen base is the same in both).
 
     Hand-written rather than ``diffusers.training_utils.EMAModel`` because the EMA is kept as a whole
     U-Net module: it samples, checkpoints and exports with ``save_pretrained`` exactly like the
     trained one, with no second state format.
     """
-    ema_params: list[torch.Tensor] = list(ema_unet.parameters())
-    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, unet.parameters(), strict=True)]
+    pairs = [(e, p) for e, p in zip(ema_unet.parameters(), unet.parameters(), strict=True) if p.requires_grad]
+    ema_params: list[torch.Tensor] = [e for e, _ in pairs]
+    params = [p.detach().to(e.dtype) for e, p in pairs]
     # One fused multi-tensor kernel instead of one per parameter (hundreds of launches a step on GPU).
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 

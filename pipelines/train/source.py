@@ -1,25 +1,25 @@
 """Pretrained parts of a training run: the frozen first-stage models and the ``init_from`` U-Net.
 
-Each is loaded in one function, so that another source format (a Stable Diffusion folder, a LoRA
-base) replaces one function and nothing else.
+Each is loaded in one function. ``init_from`` is any diffusers Stable Diffusion pipeline folder (the
+project's own exports are ones too): ``ldm/sd_format.py`` reads it.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldm import storage
 from ldm.config.train import TrainConfig
 from ldm.contract import WorkDir
 from ldm.errors import DataError
+from ldm.lora import ParameterCounts, add_lora, parameter_counts
+from ldm.sd_format import NoiseSchedule, SDFolder, check_data_shapes, load_unet, read_sd_folder
 from ldm.unet import build_unet
-from pipelines.train.checkpoint import UNET_DIR
 from pipelines.train.data import LatentsFacts
 
 
@@ -45,29 +45,51 @@ def load_first_stage(cfg: TrainConfig, scaling_factor: float) -> dict[str, Any]:
     return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
-def load_init_unet(uri: str, cfg: TrainConfig, facts: LatentsFacts) -> dict[str, torch.Tensor]:
-    """The U-Net weights of model ``uri`` (a pipeline folder, ``s3://`` or ``models:/``/``runs:/``), checked
-    against this run's architecture and data shapes; fine-tuning starts from them."""
-    from diffusers import UNet2DConditionModel
+@dataclass(frozen=True)
+class InitSource:
+    """What ``init_from`` decides for a run: the folder (for the export), the U-Net's architecture and
+    starting weights, and the noise schedule of the objective."""
 
-    with tempfile.TemporaryDirectory(prefix="ldm-init-") as tmp:
-        if uri.startswith(("models:/", "runs:/")):
-            from ldm.registry import resolve_model_uri
+    folder: SDFolder | None  # None: no init_from, the U-Net is built from `cfg.unet`
+    schedule: NoiseSchedule
+    unet_config: dict[str, Any] | None  # the diffusers config (architecture) the workers build
+    weights: dict[str, torch.Tensor] | None  # the base weights (seeded ones when from_scratch)
+    counts: ParameterCounts
 
-            folder, _, _ = resolve_model_uri(uri, dst_path=tmp)
-        else:
-            folder = storage.materialize(uri)
-        if not (Path(folder) / UNET_DIR).is_dir():
-            raise DataError(f"init_from {uri}: no {UNET_DIR}/ folder (expected a diffusers pipeline)")
-        weights = UNet2DConditionModel.from_pretrained(
-            Path(folder) / UNET_DIR, local_files_only=True, use_safetensors=True
-        ).state_dict()
-    unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
+
+def resolve_init(cfg: TrainConfig, facts: LatentsFacts, download_dir: Path) -> InitSource:
+    """Read ``cfg.init_from`` (pipeline folder, ``s3://``, ``models:/``/``runs:/``, downloaded into
+    ``download_dir``): its U-Net config is the architecture, its scheduler the objective's default;
+    checked against the data's shapes. Without ``init_from``: ``cfg.unet`` and the SD schedule."""
+    # Any: mypy does not see torch.nn.Module through diffusers' untyped bases (as in ldm/lora.py)
+    unet: Any
+    if not cfg.init_from:
+        unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
+        schedule = NoiseSchedule(prediction_type=cfg.prediction_type or "epsilon")
+        return InitSource(None, schedule, None, None, parameter_counts(unet))
+    folder = init_folder(cfg.init_from, download_dir)
     try:
-        unet.load_state_dict(weights)
-    except RuntimeError as error:
-        raise DataError(
-            f"init_from {uri}: its U-Net does not match this run's `unet` config and data shapes: "
-            f"{str(error).splitlines()[0]}"
-        ) from error
-    return {name: value.detach().clone() for name, value in unet.state_dict().items()}
+        check_data_shapes(folder.unet_config, facts.latent_shape, facts.text_width)
+    except ValueError as error:
+        raise DataError(f"init_from {cfg.init_from}: {error}") from error
+    schedule = folder.schedule
+    if cfg.prediction_type is not None:  # an explicit value overrides the folder's
+        schedule = replace(schedule, prediction_type=cfg.prediction_type)
+    unet = load_unet(folder, from_scratch=cfg.from_scratch, seed=cfg.seed)
+    weights = {name: value.detach().clone() for name, value in unet.state_dict().items()}
+    if cfg.lora.enabled:
+        add_lora(unet, cfg.lora, seed=cfg.seed)
+    return InitSource(folder, schedule, dict(folder.unet_config), weights, parameter_counts(unet))
+
+
+def init_folder(uri: str, download_dir: Path) -> SDFolder:
+    """The pipeline folder behind ``uri``, local (registry models are downloaded to ``download_dir``,
+    which must outlive the run: the export takes the VAE, text encoder and scheduler from it)."""
+    if uri.startswith(("models:/", "runs:/")):
+        from ldm.registry import resolve_model_uri
+
+        uri = str(resolve_model_uri(uri, dst_path=download_dir)[0])
+    try:
+        return read_sd_folder(uri)
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(f"init_from: {error}") from error

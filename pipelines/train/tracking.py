@@ -100,6 +100,17 @@ class DriverTracking:
         finally:
             mlflow.end_run(status="RUNNING")
 
+    def log_params(self, params: dict[str, object]) -> None:
+        """More run params (e.g. ``trainable_params``/``total_params``, known once the U-Net is built)."""
+
+        def log() -> None:
+            from mlflow import MlflowClient
+
+            for key, value in params.items():
+                MlflowClient().log_param(self._run, key, value)
+
+        self._call("params", log)
+
     def log_final(self, metrics: dict[str, float], export: Path) -> None:
         def log() -> None:
             from mlflow import MlflowClient
