@@ -218,7 +218,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     }
     rows = read_pairs(cfg.input_uri, cfg.url_col, cfg.caption_col, carry=cfg.carry_columns)
     run_id = start_progress_run(cfg) if cfg.log_mlflow else None
-    with _marks_run_failed(run_id):  # a run left "RUNNING" by a crash would read as alive
+    with _marks_run_failed(cfg, run_id):  # a run left "RUNNING" by a crash would read as alive
         carried = carried_columns(rows)
         carried_schema = rows.select(carried).schema
         schema = latents_schema(cfg, models, carried_schema)
@@ -231,7 +231,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         if to_download.num_rows:  # Ray only when there is something to fetch
             ensure_ray(cfg.ray_address, cfg.num_cpus)
             shard_uris = download.download_all(
-                to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(run_id)
+                to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(cfg, run_id)
             )
             judged = judge_downloads(shard_uris, output, cfg, carried)
             rejects.append(collect_rejects(judged, ledger_schema))
@@ -257,34 +257,38 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
 
 
 @contextlib.contextmanager
-def _marks_run_failed(run_id: str | None) -> Iterator[None]:
+def _marks_run_failed(cfg: IngestConfig, run_id: str | None) -> Iterator[None]:
     try:
         yield
     except BaseException:
         if run_id is not None:
-            from mlflow import MlflowClient
-
-            MlflowClient().set_terminated(run_id, "FAILED")
+            _client(cfg).set_terminated(run_id, "FAILED")
         raise
 
 
-def start_progress_run(cfg: IngestConfig) -> str:
-    """Open the job's MLflow run before the download, so progress metrics show while it runs."""
+def _client(cfg: IngestConfig):
+    """An MLflow client bound to the work directory's tracking store (a bare ``MlflowClient()``
+    uses whatever store the process last pointed mlflow at: another work directory, say)."""
     from mlflow import MlflowClient
 
     from ldm import tracking
 
-    run = MlflowClient().create_run(tracking.experiment(EXPERIMENT, cfg.workdir), run_name="ingest")
-    return run.info.run_id
+    return MlflowClient(tracking_uri=tracking.configure(cfg.workdir))
 
 
-def _progress_logger(run_id: str | None):
+def start_progress_run(cfg: IngestConfig) -> str:
+    """Open the job's MLflow run before the download, so progress metrics show while it runs."""
+    from ldm import tracking
+
+    experiment_id = tracking.experiment(EXPERIMENT, cfg.workdir)  # first: it creates the store
+    return _client(cfg).create_run(experiment_id, run_name="ingest").info.run_id
+
+
+def _progress_logger(cfg: IngestConfig, run_id: str | None):
     """Progress figures -> MLflow metrics of ``run_id`` (stepped by shards done); None: console only."""
     if run_id is None:
         return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    client = _client(cfg)
 
     def log(figures: dict[str, float]) -> None:
         step = int(figures["download_shards_done"])

@@ -321,7 +321,8 @@ def test_ingest_run_logs_the_funnel_as_pictures(hostile_run):
     local = client.download_artifacts(run.info.run_id, "funnel.png", dst_path=str(Path(cfg.workdir) / "dl"))
     assert Image.open(local).size[0] > 300
     rows_left = [step.rows for step in manifest.funnel]
-    assert rows_left == [40, 35, 35, 33, 21, 17, 17, 16] and rows_left == sorted(rows_left, reverse=True)
+    # input, URL allowed, caption ok, column filters (none here), downloaded, image filters, CLIP, near-dup
+    assert rows_left == [40, 35, 33, 33, 21, 17, 17, 16] and rows_left == sorted(rows_left, reverse=True)
     assert run.data.metrics["rejected_opted_out"] == 1 and run.data.metrics["clip_cutoff"] == -1.0
 
 
