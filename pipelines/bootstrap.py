@@ -130,7 +130,7 @@ def _train_autoencoder(cfg: BootstrapConfig, images: np.ndarray, log) -> tuple[A
     losses = ae.train_autoencoder(vae, images, cfg.autoencoder, seed=cfg.seed, log=log)
     seconds = time.perf_counter() - started
     scaling_factor = ae.latent_scaling_factor(vae, images[: cfg.autoencoder.scaling_images])
-    vae.register_to_config(scaling_factor=scaling_factor)  # type: ignore[attr-defined]  # ConfigMixin, untyped
+    vae.register_to_config(scaling_factor=scaling_factor)
     held_images, _, _ = render_batch(cfg.autoencoder.eval_images, cfg.seed + HELDOUT_SEED_OFFSET + 1)
     psnr = ae.reconstruction_psnr(vae, held_images)
     log(

@@ -84,7 +84,7 @@ def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig, c
     return (
         ray.data.read_parquet(paths, filesystem=fs)
         .map_batches(
-            filters.filter_downloads,  # type: ignore[arg-type]  # Ray's stub does not model fn_kwargs
+            filters.filter_downloads,
             fn_kwargs={
                 "filters": cfg.filters,
                 "image_size": cfg.image_size,

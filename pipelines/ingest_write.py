@@ -83,7 +83,7 @@ def latents_schema(
     from ldm.first_stage.text_encoder import load_text_encoder
 
     vae = load_autoencoder(cfg.autoencoder_spec)
-    vae_config = vae.config  # type: ignore[attr-defined]  # diffusers' ConfigMixin sets it at runtime
+    vae_config = vae.config
     downsample = 2 ** (len(vae_config.block_out_channels) - 1)
     latent_shape = [vae_config.latent_channels, cfg.image_size // downsample, cfg.image_size // downsample]
     tokenizer, text_encoder = load_text_encoder(cfg.text_encoder_spec)

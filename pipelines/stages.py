@@ -157,7 +157,7 @@ class LatentEncoder:
 
     def _empty_outputs(self, image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero-row latents and text embeddings of the right shapes (an empty block keeps its schema)."""
-        config = self.vae.config  # type: ignore[attr-defined]  # diffusers' ConfigMixin sets it at runtime
+        config = self.vae.config
         side = image_size // 2 ** (len(config.block_out_channels) - 1)
         latents = np.zeros((0, config.latent_channels, side, side), dtype=np.float32)
         text = np.zeros(

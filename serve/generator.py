@@ -68,9 +68,9 @@ class Generator:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: model URI (a new one reloads), batching, reload interval."""
-        # Ray's `serve.batch` annotation omits the setters its wrapper has (documented in Ray's batching guide).
-        self.generate.set_max_batch_size(config["max_batch_size"])  # type: ignore[attr-defined]
-        self.generate.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])  # type: ignore[attr-defined]
+        # `serve.batch`'s wrapper has these setters (Ray's batching guide: dynamic batch parameters).
+        self.generate.set_max_batch_size(config["max_batch_size"])
+        self.generate.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
         if self.model_uri != config["model"]:
             self.loaded = self._load(config["model"])
             self.model_uri = config["model"]
