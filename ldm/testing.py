@@ -88,3 +88,17 @@ def tiny_pipeline_folder(path: str | Path, seed: int = 0) -> Path:
     from ldm.pipeline import save_pipeline
 
     return save_pipeline(tiny_pipeline(seed=seed), path)
+
+
+def manifest_json(rows: int, digest: str, latent_shape: list[int], scaling_factor: float) -> str:
+    """A valid ``manifest.json`` for latents a test wrote by hand (not through ``ldm ingest``)."""
+    from ldm.contract import Counts, Manifest, ModelIdentity, Models
+
+    identity = ModelIdentity(spec="written-by-a-test", sha256="0" * 64)
+    return Manifest(
+        counts=Counts(input=rows, accepted=rows),
+        dataset_digest=digest,
+        models=Models(autoencoder=identity, text_encoder=identity),
+        scaling_factor=scaling_factor,
+        latent_shape=latent_shape,
+    ).to_json()

@@ -146,7 +146,7 @@ def _write_workdir(root: Path, latents: np.ndarray) -> WorkDir:
     """Tiny first-stage models where bootstrap puts them and ``latents`` as ingest writes them."""
     from ldm.first_stage.autoencoder import save_autoencoder
     from ldm.first_stage.text_encoder import save_text_encoder
-    from ldm.testing import tiny_components
+    from ldm.testing import manifest_json, tiny_components
     from ldm.text import encode_captions
 
     work = WorkDir(root)
@@ -172,7 +172,9 @@ def _write_workdir(root: Path, latents: np.ndarray) -> WorkDir:
     }
     (work.data / LATENTS_DIR).mkdir(parents=True)
     pq.write_table(table.replace_schema_metadata(metadata), work.data / LATENTS_DIR / "part-00000.parquet")
-    (work.data / MANIFEST_FILE).write_text(json.dumps({"counts": {"accepted": rows}, "dataset_digest": "x"}))
+    (work.data / MANIFEST_FILE).write_text(
+        manifest_json(rows, "x", list(latents.shape[1:]), float(SCALING_FACTOR))
+    )
     return work
 
 

@@ -51,7 +51,7 @@ def write_tiny_workdir(root: Path, rows: int = 32, scaling_factor: float | None 
     """Tiny first-stage models where bootstrap puts them, and a latents dataset as ingest writes it."""
     from ldm.first_stage.autoencoder import save_autoencoder
     from ldm.first_stage.text_encoder import save_text_encoder
-    from ldm.testing import tiny_components
+    from ldm.testing import manifest_json, tiny_components
     from ldm.text import encode_captions
 
     work = WorkDir(root)
@@ -83,7 +83,7 @@ def write_tiny_workdir(root: Path, rows: int = 32, scaling_factor: float | None 
     latents_dir.mkdir(parents=True)
     pq.write_table(table.replace_schema_metadata(metadata), latents_dir / "part-00000.parquet")
     (work.data / MANIFEST_FILE).write_text(
-        json.dumps({"counts": {"accepted": rows}, "dataset_digest": "abc123"})
+        manifest_json(rows, "abc123", list(latents.shape[1:]), float(scaling_factor or 1.0))
     )
     return work
 

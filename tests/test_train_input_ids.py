@@ -47,7 +47,7 @@ def write_ids_only_workdir(root: Path, rows: int = 16) -> tuple[WorkDir, dict]:
     ``store_text_embeddings: false``: ``input_ids`` and no ``text_embedding``."""
     from ldm.first_stage.autoencoder import save_autoencoder
     from ldm.first_stage.text_encoder import save_text_encoder
-    from ldm.testing import tiny_components
+    from ldm.testing import manifest_json, tiny_components
 
     work = WorkDir(root)
     parts = tiny_components(seed=0, latent_size=8, text_len=16)
@@ -76,7 +76,7 @@ def write_ids_only_workdir(root: Path, rows: int = 16) -> tuple[WorkDir, dict]:
     latents_dir.mkdir(parents=True)
     pq.write_table(table.replace_schema_metadata(metadata), latents_dir / "part-00000.parquet")
     (work.data / MANIFEST_FILE).write_text(
-        json.dumps({"counts": {"accepted": rows}, "dataset_digest": "ids"})
+        manifest_json(rows, "ids", list(latents.shape[1:]), float(SCALING_FACTOR))
     )
     return work, parts
 

@@ -31,6 +31,7 @@ from ldm.contract import (
     META_TEXT_EMBEDDING_SHAPE,
     WorkDir,
 )
+from ldm.testing import manifest_json
 from pipelines.train import LatentsFacts, LocalWorld, LoopInputs, NanGuard, resolve_init, train_loop
 from pipelines.train.checkpoint import LORA_DIR, UNET_DIR
 from pipelines.train.data import tensor_batches
@@ -67,7 +68,9 @@ def write_sd_data(root: Path, folder: Path, rows: int = 16) -> WorkDir:
     }
     (work.data / LATENTS_DIR).mkdir(parents=True)
     pq.write_table(table.replace_schema_metadata(metadata), work.data / LATENTS_DIR / "part-00000.parquet")
-    (work.data / MANIFEST_FILE).write_text(json.dumps({"counts": {"accepted": rows}, "dataset_digest": "sd"}))
+    (work.data / MANIFEST_FILE).write_text(
+        manifest_json(rows, "sd", list(latents.shape[1:]), float(SCALING_FACTOR))
+    )
     return work
 
 
