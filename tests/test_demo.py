@@ -70,7 +70,9 @@ def test_demo_end_to_end_small(tmp_path):
     assert summary["serve"]["healthz"]["model"]["version"] == version
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    # The registry URI too: an earlier test in the same process may have set a global registry URI.
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     assert str(client.get_model_version_by_alias("ldm", "champion").version) == version
     assert str(client.get_model_version_by_alias("ldm", "candidate").version) == version
     assert set(summary["eval"]["scores"]) >= {"overall"}
