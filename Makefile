@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-all test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ldm demo --workdir $(WORKDIR)
 
-## The full test suite (what CI runs).
+## The test suite CI runs (under 30 minutes on 2 cores): everything but the `nightly` end-to-end tests.
 test: $(STAMP)
+	$(BIN)/ruff check ldm pipelines serve tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q --timeout 1200 -m "not nightly" $(PYTEST_FLAGS) tests
+
+## Every test, the `nightly` ones too (retrain cycles, notebooks, autoscaling, `ray job submit`,
+## fault tolerance, the SD chain on S3, `mlflow models serve`): about an hour on 2 cores.
+test-all: $(STAMP)
 	$(BIN)/ruff check ldm pipelines serve tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --timeout 1200 $(PYTEST_FLAGS) tests

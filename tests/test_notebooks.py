@@ -89,6 +89,7 @@ def _run(name: str) -> dict:
 
 
 @pytest.mark.slow  # tiny ingest, train and eval, an endpoint, three kernels: ~2 minutes on 2 busy cores
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_notebooks_run_on_a_tiny_work_directory(ray_local, tmp_path, monkeypatch):
     from ingest_fixtures import write_tiny_models
 

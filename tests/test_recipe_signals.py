@@ -204,6 +204,7 @@ def _checkpoint_unet(summary: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_gradient_clipping_reaches_the_optimizer_inside_ldm_train(tmp_path, ray_local):
     """AdamW's step is ~lr per weight whatever the gradient's scale, until the gradient falls below its
     eps (1e-8): clipped to norm 1e-12 the weights barely move, unclipped they move by ~lr."""

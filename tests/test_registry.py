@@ -232,6 +232,7 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 @pytest.mark.skipif(
     os.environ.get("LDM_TEST_MLFLOW_VIRTUALENV") != "1",
     reason="builds a virtualenv from the model's requirements (~8 min, GBs): set LDM_TEST_MLFLOW_VIRTUALENV=1",

@@ -224,6 +224,7 @@ def _wait_for_version(base_url: str, version: str, timeout_s: float = 90) -> dic
 
 
 @pytest.mark.slow  # three training cycles and a live endpoint: ~2-3 minutes on 2 busy cores
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_cycles_promote_refuse_do_nothing_and_the_endpoint_follows(ray_local, shop):
     from mlflow import MlflowClient
 

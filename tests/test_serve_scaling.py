@@ -24,6 +24,7 @@ from ldm.testing import tiny_pipeline, tiny_pipeline_folder
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.nightly,  # `make test-all`; see the Makefile
     # Short autoscaling windows for the test; Ray warns they are below its 10 s metrics push interval.
     pytest.mark.filterwarnings("ignore:.*look_back_period_s:FutureWarning"),
 ]

@@ -147,6 +147,7 @@ def test_entrypoint_ships_the_checked_config_as_overrides():
 
 
 @pytest.mark.slow  # a Ray head and two jobs: ~1.5-2 minutes on 2 busy cores
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_submit_ingest_and_train_to_a_token_protected_head(ray_head, tmp_path):
     from ingest_fixtures import write_tiny_models
     from mlflow import MlflowClient

@@ -24,6 +24,7 @@ from pipelines.train import FAULT_ENV, run_train
 
 
 @pytest.mark.slow  # ~75 s: two worker-group starts
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_a_killed_worker_is_restarted_and_the_run_resumes_from_its_last_checkpoint(
     tmp_path, ray_local, monkeypatch
 ):
@@ -113,6 +114,7 @@ def test_training_finishes_when_the_tracking_server_is_down_and_fine_tunes_from_
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_non_finite_data_stops_training_with_an_error_naming_the_step(tmp_path, ray_local):
     work = write_tiny_workdir(tmp_path / "work", rows=8)
     shard = next((work.data / LATENTS_DIR).glob("*.parquet"))

@@ -167,6 +167,7 @@ def test_lora_trains_only_the_adapter_checkpoints_resumes_and_exports(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # `make test-all`; see the Makefile
 def test_full_fine_tune_with_checkpoints_on_s3_resumes_the_step_count(
     tmp_path,
     tmp_path_factory,
