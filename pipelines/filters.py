@@ -290,9 +290,7 @@ def near_duplicate_keys(
         raise ValueError(f"{len(keys)} keys but {len(embeddings)} embeddings")
     if len(keys) < 2:
         return {}
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
-    sorted_keys = [keys[i] for i in order]
-    vectors = np.asarray(embeddings, dtype=np.float32)[order]
+    sorted_keys, vectors = _by_key(keys, embeddings)
     found: dict[str, str] = {}
     for start in range(0, len(sorted_keys), block_rows):
         block = vectors[start : start + block_rows]
@@ -335,9 +333,7 @@ def near_duplicate_keys_lsh(
         raise ValueError(f"{len(keys)} keys but {len(embeddings)} embeddings")
     if len(keys) < 2:
         return {}
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
-    sorted_keys = [keys[i] for i in order]
-    vectors = np.asarray(embeddings, dtype=np.float32)[order]
+    sorted_keys, vectors = _by_key(keys, embeddings)
     planes = np.random.default_rng(seed).standard_normal((bands * bits_per_band, vectors.shape[1]))
     bits = (vectors @ planes.T.astype(np.float32)) > 0  # [N, bands * bits]
     weights = 1 << np.arange(bits_per_band, dtype=np.int64)
@@ -378,3 +374,9 @@ def judge_scores(
             details[i] = f"CLIP image embedding close to key {near_duplicates[key]}"
     out = {name: column for name, column in batch.items() if name != COL_IMAGE_EMBEDDING}
     return out | {COL_REASON: reasons, COL_STAGE: stages, COL_DETAIL: details}
+
+
+def _by_key(keys, embeddings) -> tuple[list, np.ndarray]:
+    """Keys and their embeddings (float32) in key order: the lower key of a close pair is the one kept."""
+    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
+    return [keys[i] for i in order], np.asarray(embeddings, dtype=np.float32)[order]
