@@ -33,7 +33,8 @@ from ldm.contract import MANIFEST_FILE
 from pipelines.submit import entrypoint
 
 BIN = Path(sys.executable).parent
-INFRA = Path(__file__).resolve().parents[1] / "infra" / "k8s"
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra" / "k8s"
 
 
 def _free_port() -> int:
@@ -219,3 +220,58 @@ def test_submit_ingest_and_train_to_a_token_protected_head(ray_head, tmp_path):
     assert "Traceback" not in refused.stderr and refused.stdout == ""
     assert wrong not in refused.stderr
     assert all(token not in text for text in outputs)
+
+
+def _serve(*args: str, token: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return _run([str(BIN / "serve"), *args], token=token, timeout=timeout)
+
+
+@pytest.mark.slow  # a Ray head and a Serve application: ~1-2 minutes on 2 busy cores
+def test_serve_deploy_the_shipped_config_to_a_token_protected_head(ray_head, tmp_path):
+    """Ray's own `serve deploy` / `serve status` / `serve shutdown` with the shipped config file,
+    edited as docs/OPERATIONS.md tells an operator to (model, port, one replica), against the head."""
+    from ldm.testing import tiny_pipeline_folder
+
+    address, token = ray_head
+    config = yaml.safe_load((REPO / "infra" / "serve" / "serve-config.yaml").read_text())
+    port = _free_port()
+    config["http_options"] |= {"host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    app["args"] |= {"model": str(tiny_pipeline_folder(tmp_path / "tiny")), "workdir": str(tmp_path)}
+    app["args"] |= {"num_inference_steps": 2}
+    (generator,) = app["deployments"]
+    generator["autoscaling_config"] |= {"max_replicas": 1}
+    generator["ray_actor_options"] |= {"num_cpus": 0.1}
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    deployed = _serve("deploy", str(path), "--address", address, token=token)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            status = _serve("status", "--address", address, token=token)
+            assert status.returncode == 0, status.stderr[-3000:]
+            app_status = yaml.safe_load(status.stdout)["applications"].get("ldm", {})
+            if app_status.get("status") == "RUNNING":
+                break
+            assert app_status.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), status.stdout
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(2)
+        assert set(app_status["deployments"]) == {"Ingress", "Generator"}
+        assert app_status["deployments"]["Generator"]["replica_states"] == {"RUNNING": 1}
+
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
+        reply = requests.post(
+            f"{url}/v1/generate",
+            json={"prompt": "a red circle"},
+            headers={"Accept": "image/png"},
+            timeout=120,
+        )
+        assert reply.status_code == 200 and reply.content.startswith(b"\x89PNG"), reply.text[:500]
+        bad = requests.post(f"{url}/v1/generate", json={"prompt": "a red circle", "width": 33}, timeout=60)
+        assert bad.status_code == 422 and "width" in bad.text
+    finally:
+        stopped = _serve("shutdown", "--address", address, "--yes", token=token)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
