@@ -32,7 +32,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check ldm pipelines serve tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --timeout 1200 -m "not nightly" $(PYTEST_FLAGS) tests
+	$(BIN)/python -m pytest -q --timeout 1200 --durations=25 -m "not nightly" $(PYTEST_FLAGS) tests
 
 ## Every test, the `nightly` ones too (retrain cycles, notebooks, autoscaling, `ray job submit`,
 ## fault tolerance, the SD chain on S3, `mlflow models serve`): about an hour on 2 cores.
