@@ -74,7 +74,7 @@ def check_key_digests(expected: KeyDigest, parts: Iterable[KeyDigest], explain: 
 SCORE_RANGE = (-1.0, 1.0)  # CLIP scores are cosine similarities; values outside land in the end bins
 
 
-def _bin_of(scores: np.ndarray, bins: int) -> np.ndarray:
+def bin_of(scores: np.ndarray, bins: int) -> np.ndarray:
     low, high = SCORE_RANGE
     position = (np.asarray(scores, dtype=np.float64) - low) / (high - low) * bins
     return np.clip(np.floor(position), 0, bins - 1).astype(np.int64)
@@ -84,7 +84,7 @@ def score_histogram(batches: Iterable[np.ndarray], bins: int = 4096) -> np.ndarr
     """Rows per bin: ``bins`` equal bins over `SCORE_RANGE` (the end bins also take what lies beyond)."""
     counts = np.zeros(bins, dtype=np.int64)
     for batch in batches:
-        counts += np.bincount(_bin_of(batch, bins), minlength=bins)
+        counts += np.bincount(bin_of(batch, bins), minlength=bins)
     return counts
 
 
@@ -101,17 +101,28 @@ def top_fraction_cutoff(
     one bin of width 2/bins). Returns (the cutoff, the histogram, for the report); -inf with no scores.
     """
     counts = score_histogram(read_scores(), bins)
+
+    def in_bin(cut_bin: int) -> np.ndarray:
+        in_bin = [np.asarray(b, dtype=np.float64) for b in read_scores()]
+        return np.concatenate([b[bin_of(b, bins) == cut_bin] for b in in_bin]) if in_bin else np.zeros(0)
+
+    return cut_from_histogram(counts, fraction, in_bin), counts
+
+
+def cut_from_histogram(
+    counts: np.ndarray, fraction: float, values_in_bin: Callable[[int], np.ndarray]
+) -> float:
+    """`top_fraction_cutoff` from the bin counts and a function giving one bin's scores (-inf: no rows)."""
     total = int(counts.sum())
     if total == 0:
-        return float("-inf"), counts
+        return float("-inf")
     keep = int(np.ceil(fraction * total))
     at_or_above = np.cumsum(counts[::-1])[::-1]  # rows in this bin or a higher one, per bin
     cut_bin = int(np.flatnonzero(at_or_above >= keep).max())  # the highest bin that reaches the target
     above = int(at_or_above[cut_bin] - counts[cut_bin])
-    in_bin = [np.asarray(b, dtype=np.float64) for b in read_scores()]
-    values = np.concatenate([b[_bin_of(b, bins) == cut_bin] for b in in_bin]) if in_bin else np.zeros(0)
+    values = np.asarray(values_in_bin(cut_bin), dtype=np.float64)
     rank = keep - above  # 1-based rank of the cut inside its bin, best first
-    return float(np.sort(values)[::-1][rank - 1]), counts
+    return float(np.sort(values)[::-1][rank - 1])
 
 
 # --- exact duplicates by content hash -------------------------------------------------------------

@@ -32,7 +32,7 @@ from PIL import Image
 from ldm.config.ingest import DownloadConfig, FilterConfig, IngestConfig, StageResources
 from ldm.contract import LATENTS_DIR, MANIFEST_FILE, REJECTS_DIR, FunnelStep
 from pipelines import filters
-from pipelines.download import staging_dir
+from pipelines.ingest_stream import staging
 
 ACCEPTED = ""
 # rows expected in pairs, one kept and one rejected: which one depends on the keys (hence on the port)
