@@ -24,8 +24,9 @@ from ldm import storage
 from ldm.config.ingest import FilterConfig, IngestConfig
 from ldm.contract import COL_CLIP_SCORE, COL_KEY, COL_SHA256, REJ_DETAIL, REJ_REASON
 from pipelines import filters
+from pipelines.ingest_files import staging
 from pipelines.ingest_scale import bin_of, cut_from_histogram
-from pipelines.ingest_stream import HISTOGRAM_BINS, staging
+from pipelines.ingest_stream import HISTOGRAM_BINS
 from pipelines.stages import COL_SHARD
 
 COL_DUPLICATE_OF = "duplicate_of"

@@ -37,9 +37,10 @@ from ldm.contract import (
     holdout_split,
 )
 from pipelines import filters, ingest_report
+from pipelines.ingest_files import read_json, staging, sweep, write_json, write_table
 from pipelines.ingest_judge import Judgement
 from pipelines.ingest_scale import KeyDigest, check_key_digests
-from pipelines.ingest_stream import COL_THUMB, _sweep, read_json, staging, write_json, write_table
+from pipelines.ingest_stream import COL_THUMB
 from pipelines.ingest_write import check_accounting
 from pipelines.stages import COL_SHARD
 
@@ -214,8 +215,8 @@ def publish_all(
         storage.filesystem(storage.join(output, folder))[0].create_dir(
             storage.filesystem(storage.join(output, folder))[1], recursive=True
         )
-        _sweep(storage.join(output, folder), keep)
-    _sweep(staging(output, "published"), {f"shard-{i:05d}.json" for i in summaries})
+        sweep(storage.join(output, folder), keep)
+    sweep(staging(output, "published"), {f"shard-{i:05d}.json" for i in summaries})
     options: dict = {
         "num_cpus": 0.5,
         "max_retries": cfg.download.max_shard_attempts - 1,

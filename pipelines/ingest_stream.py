@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from ldm import storage
 from ldm.config.ingest import IngestConfig
@@ -42,12 +41,12 @@ from ldm.contract import (
     REJECT_COLUMNS,
 )
 from pipelines import download, filters, ingest_report
+from pipelines.ingest_files import read_json, staging, sweep, write_json, write_table
 from pipelines.ingest_plan import Shard, read_shard, shard_fingerprint
 from pipelines.ingest_read import check_before_download
 from pipelines.ingest_scale import KeyDigest, score_histogram
 from pipelines.stages import COL_NOTE, COL_SHARD, ScoreEncoder
 
-STAGING_DIR = "_staging"
 COL_THUMB = "ldm_thumb"  # a small JPEG of the row's picture, for the MLflow reject grids
 HISTOGRAM_BINS = 4096
 # the shard's row file: every input row, its verdict so far ("" = still in the running), no pixels
@@ -58,38 +57,6 @@ ROW_FILE_FIELDS = [
     (COL_HEIGHT, pa.int32()),
     (COL_THUMB, pa.binary()),
 ]
-
-
-def staging(output_uri: str, *parts: str) -> str:
-    return storage.join(output_uri, STAGING_DIR, *parts)
-
-
-def write_table(table: pa.Table, uri: str) -> None:
-    """Write a Parquet file so that it appears whole: temp name then rename (local), one PUT (S3)."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    if storage.is_remote(uri):
-        pq.write_table(table, path, filesystem=fs)
-        return
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, temporary, filesystem=fs)
-    fs.move(temporary, path)
-
-
-def write_json(uri: str, value: dict) -> None:
-    """A marker: temp name then rename (local), one PUT (S3)."""
-    data = json.dumps(value, sort_keys=True).encode()
-    if storage.is_remote(uri):
-        storage.write_bytes(uri, data)
-        return
-    fs, path = storage.filesystem(uri)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    storage.write_bytes(temporary, data)
-    fs.move(temporary, path)
-
-
-def read_json(uri: str) -> dict | None:
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
 def _thumbnail(image: np.ndarray | None) -> bytes | None:
@@ -150,9 +117,7 @@ def prepare_shard(
     )
     name = f"{shard.name}.rows-{uuid.uuid4().hex[:8]}.parquet"
     write_table(table, staging(output_uri, "rows", name))
-    kept = downloaded.filter(
-        pa.array(np.asarray(downloaded.column(REJ_REASON).to_pylist()) == "", pa.bool_())
-    )
+    kept = downloaded.filter(pc.equal(downloaded.column(REJ_REASON), filters.ACCEPTED))
     n = kept.num_rows
     rejected = Counter(r for r in table.column(REJ_REASON).to_pylist() if r != filters.ACCEPTED)
     digest = KeyDigest.of(rows.column(COL_KEY).to_pylist())
@@ -226,7 +191,7 @@ def pass_one_settings(cfg: IngestConfig, models: dict) -> dict:
     """What shapes a staged shard besides its rows: a marker made with other settings is stale."""
     f = cfg.filters
     return {
-        "download": cfg.download.to_dict(),
+        "download": cfg.download.model_dump(exclude={"shard_concurrency", "max_shard_attempts"}),
         "filters": [
             f.min_side,
             f.max_aspect_ratio,
@@ -243,16 +208,6 @@ def marker_uri(output_uri: str, shard: Shard) -> str:
     return staging(output_uri, "rows", f"{shard.name}.json")
 
 
-def _sweep(folder_uri: str, keep: set[str]) -> None:
-    """Delete the files of ``folder_uri`` whose names are not in ``keep`` (left by a killed run)."""
-    fs, path = storage.filesystem(folder_uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if info.type == pafs.FileType.File and info.base_name not in keep:
-            fs.delete_file(info.path)
-
-
 def finished_shards(shards: list[Shard], output_uri: str, settings: dict) -> dict[int, dict]:
     """The markers of shards already staged with these settings; every other staged file is deleted."""
     done: dict[int, dict] = {}
@@ -262,7 +217,7 @@ def finished_shards(shards: list[Shard], output_uri: str, settings: dict) -> dic
             done[shard.index] = marker
     keep = {f"shard-{i:05d}.json" for i in done}
     keep |= {name for marker in done.values() for name in [marker["rows_file"], *marker["model_files"]]}
-    _sweep(staging(output_uri, "rows"), keep)
+    sweep(staging(output_uri, "rows"), keep)
     return done
 
 
