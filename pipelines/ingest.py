@@ -91,14 +91,14 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         settings = ingest_stream.pass_one_settings(cfg, models)
         markers = ingest_stream.stage_shards(shards, cfg, settings, carried, _progress_logger(cfg, run_id))
         judgement = ingest_judge.judge(markers, cfg)
-        summaries = ingest_publish.publish_all(markers, judgement, cfg, schema, ledger)
+        summaries, picked = ingest_publish.publish_all(markers, judgement, cfg, schema, ledger)
         _check_accounting(shards, markers, summaries)
         manifest = build_manifest(cfg, models, schema, markers, summaries, time.time() - started)
         cutoff = judgement.cutoff if np.isfinite(judgement.cutoff) else None
         manifest = manifest.model_copy(update={"clip_cutoff": cutoff})
         write_manifest(manifest, output)
     if cfg.log_mlflow:
-        samples = ingest_report.reject_samples(summaries, cfg.rejected_samples_per_reason)
+        samples = ingest_report.reject_samples(picked)
         log_to_mlflow(cfg, manifest, histogram=judgement.histogram, samples=samples, run_id=run_id)
     return manifest
 

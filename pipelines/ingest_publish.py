@@ -200,8 +200,9 @@ def publish_fingerprint(marker: dict, judgement: Judgement, cfg: IngestConfig) -
 
 def publish_all(
     markers: list[dict], judgement: Judgement, cfg: IngestConfig, schema: pa.Schema, ledger: pa.Schema
-) -> list[dict]:
-    """Pass 3 over every shard not published yet (Ray tasks); returns every shard's summary, in order."""
+) -> tuple[list[dict], dict[str, list]]:
+    """Pass 3 over every shard not published yet (Ray tasks); returns every shard's summary, in
+    order, and the reject samples (reason -> lowest keys' [key, caption, thumbnail as base64])."""
     import ray
 
     output = cfg.output_uri
@@ -226,15 +227,27 @@ def publish_all(
         options["runtime_env"] = {"env_vars": storage.s3_env()}
     task = ray.remote(publish_shard).options(**options)
     todo = [m for m in markers if m["shard"]["index"] not in summaries]
+    samples: dict[str, list] = {}
+    for index in summaries:
+        summaries[index] = _keep_samples(summaries[index], samples, cfg.rejected_samples_per_reason)
     pending: dict = {}
     for marker in todo:
         if len(pending) >= 2 * cfg.download.shard_concurrency:
             done, _ = ray.wait(list(pending), num_returns=1)
-            summaries[pending.pop(done[0])] = ray.get(done[0])
+            index = pending.pop(done[0])
+            summaries[index] = _keep_samples(ray.get(done[0]), samples, cfg.rejected_samples_per_reason)
         pending[task.remote(marker, judgement, cfg, schema, ledger)] = marker["shard"]["index"]
     for ref, index in pending.items():
-        summaries[index] = ray.get(ref)
+        summaries[index] = _keep_samples(ray.get(ref), samples, cfg.rejected_samples_per_reason)
     if not markers:  # no input row: still one (empty) file each, carrying the schemas
         write_table(schema.empty_table(), latents_file(output, 0, 0))
         write_table(ledger.empty_table(), rejects_file(output, 0))
-    return [summaries[m["shard"]["index"]] for m in markers]
+    return [summaries[m["shard"]["index"]] for m in markers], samples
+
+
+def _keep_samples(summary: dict, samples: dict[str, list], per_reason: int) -> dict:
+    """Merge a shard's reject samples into ``samples`` (the lowest ``per_reason`` keys per reason)
+    and return the summary without them: the driver keeps the samples once, not per shard."""
+    for reason, rows in summary.get("samples", {}).items():
+        samples[reason] = sorted([*samples.get(reason, []), *rows])[:per_reason]
+    return {key: value for key, value in summary.items() if key != "samples"}

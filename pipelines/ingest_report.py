@@ -99,16 +99,12 @@ def score_histogram(counts: np.ndarray, cutoff: float | None, label: str):
     return figure
 
 
-def reject_samples(summaries: list[dict], per_reason: int) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """Up to ``per_reason`` (caption, thumbnail) per sampled reason, lowest keys first (repeatable),
-    from the samples each published shard kept (`pipelines.ingest_publish`)."""
-    picked: dict[str, list] = {}
-    for summary in summaries:
-        for reason, rows in summary.get("samples", {}).items():
-            picked.setdefault(reason, []).extend(rows)
+def reject_samples(picked: dict[str, list]) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """(caption, thumbnail) per sampled reason, from the [key, caption, thumbnail as base64] rows
+    the published shards kept, lowest keys first (`pipelines.ingest_publish.publish_all`)."""
     samples: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for reason, rows in picked.items():
-        for _, caption, thumb in sorted(rows)[:per_reason]:
+    for reason, rows in sorted(picked.items()):
+        for _, caption, thumb in sorted(rows):
             image = _thumbnail(base64.b64decode(thumb))
             if image is not None:
                 samples.setdefault(reason, []).append((caption, image))

@@ -6,8 +6,6 @@
 - `top_fraction_cutoff`: the CLIP top-fraction cut from a fixed-bin histogram pass over the scores,
   then a second pass that keeps only the scores of the one bin the cut falls in. Exact (the same
   value as sorting every score), with memory bounded by the bins plus that one bin's scores.
-- `exact_duplicates`: rows with the same content hash, found by a Ray Data ``groupby`` on the hash;
-  only the duplicates (not every hash) come back to the driver.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm.contract import COL_KEY, COL_SHA256
 from pipelines.ingest_write import IngestAccountingError
 
 _MASK64 = (1 << 64) - 1
@@ -123,26 +120,3 @@ def cut_from_histogram(
     values = np.asarray(values_in_bin(cut_bin), dtype=np.float64)
     rank = keep - above  # 1-based rank of the cut inside its bin, best first
     return float(np.sort(values)[::-1][rank - 1])
-
-
-# --- exact duplicates by content hash -------------------------------------------------------------
-def _duplicates_in_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One content hash's rows -> (duplicate key, kept key) for every row but the lowest key."""
-    keys = sorted(str(k) for k in group[COL_KEY])
-    return {
-        "duplicate": np.array(keys[1:], dtype=object),
-        "kept": np.array(keys[:1] * (len(keys) - 1), dtype=object),
-    }
-
-
-def exact_duplicates(hashes) -> dict[str, str]:
-    """{duplicate key: kept key} over a Ray Dataset of (key, sha256) rows with a hash (downloaded).
-
-    A ``groupby`` on the hash: each group keeps its lowest key (independent of download order and
-    sharding, like `pipelines.filters.duplicate_keys`). Only duplicates reach the driver.
-    """
-    pairs = hashes.groupby(COL_SHA256).map_groups(_duplicates_in_group, batch_format="numpy")
-    found: dict[str, str] = {}
-    for batch in pairs.iter_batches(batch_format="numpy", batch_size=None):
-        found.update(zip((str(k) for k in batch["duplicate"]), (str(k) for k in batch["kept"]), strict=True))
-    return found

@@ -214,7 +214,7 @@ def finished_shards(shards: list[Shard], output_uri: str, settings: dict) -> dic
     for shard in shards:
         marker = read_json(marker_uri(output_uri, shard))
         if marker is not None and marker["fingerprint"] == shard_fingerprint(shard, settings):
-            done[shard.index] = marker
+            done[shard.index] = _light(marker)
     keep = {f"shard-{i:05d}.json" for i in done}
     keep |= {name for marker in done.values() for name in [marker["rows_file"], *marker["model_files"]]}
     sweep(staging(output_uri, "rows"), keep)
@@ -268,7 +268,7 @@ def _plan(todo: list[Shard], cfg: IngestConfig, carried: pa.Schema):
             prepare_shards,
             fn_kwargs={"cfg": cfg, "carried": carried, "output_uri": output},
             batch_size=1,
-            concurrency=cfg.download.shard_concurrency,
+            compute=ray.data.TaskPoolStrategy(size=cfg.download.shard_concurrency),
             num_cpus=0.5,
             max_retries=cfg.download.max_shard_attempts - 1,
             retry_exceptions=True,
@@ -330,13 +330,19 @@ def stage_shards(
                 if entry["note"] is not None and entry["rows"] == entry["note"]["staged"]:
                     marker = _marker(by_index[int(shard)], settings, entry)
                     write_json(marker_uri(output, by_index[int(shard)]), marker)
-                    done[int(shard)] = marker
+                    done[int(shard)] = _light(marker)
                     progress.add(marker)
                     entry["rows"] = -1  # written: later summary rows cannot re-trigger it
         missing = sorted(set(by_index) - set(done))
         if missing:
             raise RuntimeError(f"ingest: shards {missing[:5]} did not stage all their rows")
     return [done[s.index] for s in shards]
+
+
+def _light(marker: dict) -> dict:
+    """A marker as the driver keeps it: without the histogram (pass 2 counts the scores again,
+    without the duplicates), so each shard costs the driver a few hundred bytes."""
+    return {key: value for key, value in marker.items() if key != "histogram"}
 
 
 def _marker(shard: Shard, settings: dict, entry: dict) -> dict:

@@ -60,9 +60,9 @@ def _device(use_gpu: bool, torch_threads: int) -> str:
 class ClipScorer:
     """Adds ``clip_score`` (cosine similarity, float32) and ``image_embedding`` (float32 [E]).
 
-    With a ``threshold`` it also rejects pairs below it. The ingest job passes none: its cut may be
-    a top fraction of all scores and near-duplicates need every embedding, so it judges the scores
-    after this stage (`pipelines.filters.judge_scores`).
+    With a ``threshold`` it also rejects pairs below it. The ingest job passes none (through
+    `ScoreEncoder`): its cut may be a top fraction of all scores and near-duplicates need every
+    embedding, so it judges the scores in pass 2 (`pipelines.ingest_judge`).
     """
 
     def __init__(

@@ -76,8 +76,6 @@ def test_near_duplicates_by_groupby_match_the_brute_force_answer(ray_local):
     assert all(row["ldm_shard"] == shard_of[row["key"]] for row in found)
     exact = filters.near_duplicate_keys(keys, vectors, threshold)  # brute force, O(N^2)
     assert len(exact) >= 55
-    # the same hyperplanes as the driver-side LSH: the same answer, row for row
-    assert got == filters.near_duplicate_keys_lsh(keys, vectors, threshold, bands=40, bits_per_band=16)
     assert set(got) <= set(exact)  # no false positive: candidates are compared exactly
     position = {k: i for i, k in enumerate(keys)}
     for key, lower in got.items():

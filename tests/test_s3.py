@@ -110,7 +110,10 @@ def test_ingest_from_s3_to_s3(ray_local, s3_endpoint, tmp_path, monkeypatch):
     markers = fs.get_file_info(pafs.FileSelector(f"{out}/_staging/rows"))
     assert sum(info.path.endswith(".json") for info in markers) == 2  # 6 rows, 3 per shard
     published = fs.get_file_info(pafs.FileSelector(f"{out}/{LATENTS_DIR}"))
-    assert sorted(info.base_name for info in published) == ["part-00000-000.parquet", "part-00001-000.parquet"]
+    assert sorted(info.base_name for info in published) == [
+        "part-00000-000.parquet",
+        "part-00001-000.parquet",
+    ]
     assert stored.shards == 2
     assert not (work.root / "data").exists()  # nothing went to the local default
 
