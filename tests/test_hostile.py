@@ -343,14 +343,15 @@ def test_killed_ingest_reruns_to_the_same_result(hostile_run, tmp_path):
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "ingest.log").open("wb"),
     )
     staged = Path(staging(str(output), "rows"))
     shards = -(-len(rows) // ROWS_PER_SHARD)  # input shards: every row, the guard's rejects too
     try:
         deadline = time.monotonic() + 240
         while not list(staged.glob("shard-*.json")):
-            assert process.poll() is None, "the ingest process ended before any shard was staged"
+            log = (tmp_path / "ingest.log").read_bytes()[-3000:].decode(errors="replace")
+            assert process.poll() is None, f"the ingest process ended before any shard was staged: {log}"
             assert time.monotonic() < deadline, "no shard was staged in time"
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGKILL)
