@@ -4,8 +4,9 @@ Three measurements on the same rows (rendered synthetic scenes served over HTTP 
 same models (the bootstrap defaults' sizes, random weights: throughput does not depend on them) and
 the same torch thread count, in one run:
 
-1. **pipeline**: `pipelines.ingest.run_ingest` (download shards, filters, CLIP-score and encode
-   actor pools, write), pairs/s from its start to its manifest, Ray already running;
+1. **pipeline**: `pipelines.ingest.run_ingest` (the streaming plan: per-shard download and filters,
+   one fused score-and-encode actor, staged writes, pass 2 and the per-shard publish), pairs/s from
+   its start to its manifest, Ray already running;
 2. **naive**: a sequential script doing the same work one pair at a time (fetch, decode and check,
    CLIP score, encode image and caption);
 3. **model-only**: the scoring and encoding stages on pre-decoded batches of the job's batch sizes,
@@ -207,17 +208,26 @@ def img2dataset_cli(urls: list[str], root: Path, threads: int) -> float:
 
 
 def download_stage(urls: list[str], captions: list[str], root: Path, cfg) -> float:
-    """The job's download stage alone (`pipelines.download.download_all`) on the same rows: pairs/s."""
+    """The job's download step alone (`pipelines.download.fetch_shard`, one Ray task per shard of
+    ``download.rows_per_shard`` rows, ``shard_concurrency`` in flight) on the same rows: pairs/s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import ray
 
     from pipelines import download
-    from pipelines.ingest_read import read_pairs
+    from pipelines.ingest_plan import read_pairs
 
     pq.write_table(pa.table({"url": urls, "caption": captions}), root / "dl.parquet")
     rows = read_pairs(str(root / "dl.parquet"))
+    task = ray.remote(download.fetch_shard).options(num_cpus=0.5)
+    size = cfg.download.rows_per_shard
     started = time.perf_counter()
-    download.download_all(rows, str(root / "dl-out"), cfg.download, cfg.allowed_hosts)
+    pending: list = []
+    for start in range(0, rows.num_rows, size):
+        if len(pending) >= cfg.download.shard_concurrency:
+            _, pending = ray.wait(pending, num_returns=1)
+        pending.append(task.remote(rows.slice(start, size), cfg.download, cfg.allowed_hosts))
+    ray.get(pending)
     return len(urls) / (time.perf_counter() - started)
 
 
@@ -230,7 +240,7 @@ def main() -> None:
 
     import ray
 
-    from ldm.config.ingest import FilterConfig, IngestConfig, StageResources
+    from ldm.config.ingest import DownloadConfig, FilterConfig, IngestConfig, StageResources
     from ldm.contract import WorkDir
     from ldm.synth.server import ImageServer
 
@@ -242,6 +252,7 @@ def main() -> None:
         cfg = IngestConfig(
             workdir=tmp,
             allow_hosts=["127.0.0.1"],
+            download=DownloadConfig(rows_per_shard=64),  # several shards in flight: the plan streams
             filters=FilterConfig(clip_threshold=-1.0),  # random CLIP: keep every pair, do all the work
             score=StageResources(batch_size=64),
             encode=StageResources(batch_size=64),

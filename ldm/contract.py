@@ -167,7 +167,9 @@ class Manifest(_Record):
     output: str = ""
     counts: Counts
     funnel: list[FunnelStep] = Field(default_factory=list)
-    dataset_digest: str  # sha256 over the accepted rows' (key, content hash): same data, same digest
+    # sum mod 2^256 of sha256(key, content hash) over the accepted rows, 64 hex digits: same data, same
+    # digest, whatever the order or sharding (`pipelines.ingest_write.dataset_digest`)
+    dataset_digest: str
     models: Models
     scaling_factor: float
     latent_shape: list[int]

@@ -1,11 +1,10 @@
-"""The download stage: fetch every guarded URL with img2dataset, one Ray task per URL shard.
+"""The download step: fetch one shard's guarded URLs with img2dataset's downloader (`fetch_shard`).
 
-Why Ray tasks running img2dataset's downloader per shard, and not img2dataset's own Ray distributor:
-its distributor ignores ``processes_count``, never retries a failed shard and silently does nothing
-when ray is not importable (docs/DATA.md, "img2dataset facts"). A task per shard gives us Ray's retries
-(``retry_exceptions``), a bounded number of shards in flight, and a completion marker per shard so
-that a re-run reuses finished shards. Tasks (not a Ray Data ``map_batches``) because a shard is a
-unit of side effects (a file and a marker), not a transformation of rows.
+The ingest plan (`pipelines.ingest_stream`) calls it once per input shard inside a Ray Data task,
+not img2dataset's own Ray distributor: its distributor ignores ``processes_count``, never retries a
+failed shard and silently does nothing when ray is not importable (docs/DATA.md, "img2dataset
+facts"). A task per shard gives us Ray's retries (``retry_exceptions``) and a bounded number of
+shards in flight; the shard's completion marker is the plan's (`pipelines.ingest_stream`).
 
 Inside a task img2dataset's downloader runs in-process (see `_run_img2dataset` for why), with every
 redirect checked by the URL guard too, and with the Parquet writer, which keeps *every* input row with its
@@ -13,35 +12,26 @@ redirect checked by the URL guard too, and with the Parquet writer, which keeps 
 the "every row accounted for" invariant). ``disable_all_reencoding`` keeps the original bytes: the
 size and aspect filters must see the original image (img2dataset's own ``min_image_size`` and
 ``max_aspect_ratio`` act after its resize, measured), and the duplicate filter hashes the original
-bytes. The shard result (key, url, caption, status, error_message, sha256, image bytes) is written
-to ``<output>/_staging/download/shard-NNNNN.parquet`` through pyarrow's filesystems, so it works for
-``s3://`` outputs too (img2dataset itself would need s3fs for that).
+bytes. The bytes stay in the worker's memory: only the filters' verdicts and the model outputs are
+written (no image bytes reach the output or the staging folder).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ldm import storage
 from ldm.config.ingest import DownloadConfig
 from ldm.contract import COL_CAPTION, COL_KEY, COL_SHA256, COL_URL
 from pipelines import urlguard
 
-STAGING_DIR = "_staging"
 # img2dataset reserves "key" for its own row numbering, so our key travels under another name.
 CARRIED_KEY = "ldm_key"
 COL_STATUS = "status"
@@ -60,18 +50,6 @@ SHARD_SCHEMA = pa.schema(
         (COL_IMAGE_BYTES, pa.binary()),
     ]
 )
-
-
-def staging_dir(output_uri: str) -> str:
-    return storage.join(output_uri, STAGING_DIR, "download")
-
-
-def shard_fingerprint(rows: pa.Table, settings: DownloadConfig) -> str:
-    """Identifies a shard's work: its keys and the download settings. A marker with another one is stale."""
-    digest = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode())
-    for key in rows.column(COL_KEY).to_pylist():
-        digest.update(key.encode() + b"\n")
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -195,27 +173,18 @@ def _run_img2dataset(
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
 
-@dataclass(frozen=True)
-class ShardResult:
-    """What a shard task reports back: its file, its rows, how many failed (-1: reused, not counted)."""
-
-    uri: str
-    rows: int
-    failed: int
-    reused: bool
-
-
-def download_shard(
-    rows: pa.Table, shard_uri: str, settings: DownloadConfig, allow_hosts: frozenset[str] = frozenset()
-) -> ShardResult:
-    """Download one shard of (key, url, caption) rows into ``shard_uri``, unless a marker says it is done.
+def fetch_shard(
+    rows: pa.Table, settings: DownloadConfig, allow_hosts: frozenset[str] = frozenset()
+) -> pa.Table:
+    """Download one shard of (key, url, caption, carried...) rows; returns them in the same order
+    with `SHARD_SCHEMA`'s columns (status, error, sha256, image bytes) and the carried columns.
 
     Raises when img2dataset did not account for every row, so that Ray retries the shard.
     """
-    marker_uri = shard_uri + ".done"
-    fingerprint = shard_fingerprint(rows, settings)
-    if storage.exists(marker_uri) and storage.read_bytes(marker_uri).decode() == fingerprint:
-        return ShardResult(shard_uri, rows.num_rows, -1, reused=True)
+    carried = [name for name in rows.column_names if name not in SHARD_SCHEMA.names]
+    schema = pa.schema([*SHARD_SCHEMA, *rows.select(carried).schema])
+    if rows.num_rows == 0:
+        return schema.empty_table()
     with tempfile.TemporaryDirectory(prefix="ldm-download-") as tmp:
         result = _run_img2dataset(rows, settings, Path(tmp), allow_hosts)
     result = result.select([CARRIED_KEY, COL_STATUS, COL_ERROR, "sha256", "jpg"]).rename_columns(
@@ -224,85 +193,11 @@ def download_shard(
     keys = rows.column(COL_KEY).to_pylist()
     got = result.column(COL_KEY).to_pylist()
     if len(got) != len(keys) or set(got) != set(keys):
-        raise RuntimeError(f"img2dataset returned {len(got)} rows for {len(keys)} in {shard_uri}")
+        raise RuntimeError(f"img2dataset returned {len(got)} rows for {len(keys)}")
     # align img2dataset's rows to ours by key (a take, not a join: carried input columns may be of
     # types Arrow's hash join does not support)
     position = {key: i for i, key in enumerate(got)}
     result = result.take(pa.array([position[key] for key in keys], pa.int64()))
-    carried = [name for name in rows.column_names if name not in SHARD_SCHEMA.names]
-    schema = pa.schema([*SHARD_SCHEMA, *rows.select(carried).schema])
     columns = {name: rows.column(name) for name in (COL_KEY, COL_URL, COL_CAPTION, *carried)}
     columns |= {name: result.column(name) for name in SHARD_SCHEMA.names if name not in columns}
-    table = pa.table([columns[name] for name in schema.names], names=schema.names).cast(schema)
-    failed = table.num_rows - pc.sum(pc.equal(table.column(COL_STATUS), "success")).as_py()
-    fs, path = storage.filesystem(shard_uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-    storage.write_bytes(marker_uri, fingerprint.encode())  # last: the shard counts only once complete
-    return ShardResult(shard_uri, table.num_rows, int(failed or 0), reused=False)
-
-
-def download_all(
-    rows: pa.Table,
-    output_uri: str,
-    settings: DownloadConfig,
-    allow_hosts: frozenset[str] = frozenset(),
-    on_progress: Callable[[dict[str, float]], None] | None = None,
-) -> list[str]:
-    """Split ``rows`` into shards, download them as Ray tasks; returns the shard files' URIs.
-
-    Shards are cut in input order, so a re-run of the same input finds the same shards and reuses
-    those whose marker matches. Shard files of an earlier, larger input are not read: only the URIs
-    returned here are.
-    """
-    import ray
-
-    options: dict = {"num_cpus": 1, "max_retries": settings.max_shard_attempts - 1, "retry_exceptions": True}
-    if storage.s3_env():  # workers started before the driver set them do not see them otherwise
-        options["runtime_env"] = {"env_vars": storage.s3_env()}
-    task = ray.remote(download_shard).options(**options)
-    staging = staging_dir(output_uri)
-    pending: list = []
-    shard_uris: list[str] = []
-    progress = Progress(total=-(-rows.num_rows // settings.rows_per_shard), on_update=on_progress)
-    for index, start in enumerate(range(0, rows.num_rows, settings.rows_per_shard)):
-        shard = rows.slice(start, settings.rows_per_shard)
-        shard_uris.append(storage.join(staging, f"shard-{index:05d}.parquet"))
-        if len(pending) >= settings.shard_concurrency:  # bound the shards in flight
-            done, pending = ray.wait(pending, num_returns=1)
-            progress.add(ray.get(done[0]))
-        pending.append(task.remote(shard, shard_uris[-1], settings, allow_hosts))
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        progress.add(ray.get(done[0]))
-    return shard_uris
-
-
-class Progress:
-    """Shards done / total, rows/s and failed downloads so far: one console line per finished shard,
-    and the same figures to ``on_update`` (the job passes a function that logs MLflow metrics)."""
-
-    def __init__(self, total: int, on_update: Callable[[dict[str, float]], None] | None = None):
-        self.total, self.on_update = total, on_update
-        self.started = time.monotonic()
-        self.shards = self.rows = self.failed = self.reused = 0
-
-    def add(self, result: ShardResult) -> None:
-        self.shards += 1
-        self.rows += result.rows
-        self.reused += result.reused
-        self.failed += max(result.failed, 0)
-        seconds = max(time.monotonic() - self.started, 1e-9)
-        figures = {
-            "download_shards_done": float(self.shards),
-            "download_shards_total": float(self.total),
-            "download_rows_per_second": self.rows / seconds,
-            "download_failed_so_far": float(self.failed),
-        }
-        print(
-            f"download: {self.shards}/{self.total} shards ({self.reused} reused), {self.rows} rows, "
-            f"{figures['download_rows_per_second']:.1f} rows/s, {self.failed} failed so far",
-            flush=True,
-        )
-        if self.on_update is not None:
-            self.on_update(figures)
+    return pa.table([columns[name] for name in schema.names], names=schema.names).cast(schema)

@@ -246,21 +246,8 @@ def filter_downloads(
     }
 
 
-def keep_accepted(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The rows of ``batch`` with no reason to reject them."""
-    mask = batch[COL_REASON] == ACCEPTED
-    return {name: column[mask] for name, column in batch.items()}
-
-
-def keep_rejected(
-    batch: dict[str, np.ndarray], carried: list[str] | tuple[str, ...] = ()
-) -> dict[str, np.ndarray]:
-    """The ledger columns (`ldm.contract.REJECT_COLUMNS`, then ``carried``) of the rejected rows."""
-    mask = batch[COL_REASON] != ACCEPTED
-    return {name: batch[name][mask] for name in (*REJECT_COLUMNS, *carried)}
-
-
-# --- score-stage verdicts: they need every scored row (a quantile, pairwise similarities) -----------
+# --- the rules of the verdicts that need every scored row, as plain Python: the job runs them at
+# scale in pass 2 (`pipelines.ingest_judge`, `pipelines.ingest_scale`); tests hold it to these ----------
 def clip_cutoff(scores: np.ndarray, filters: FilterConfig) -> float:
     """The lowest CLIP score that is kept: the absolute threshold, or the top fraction's cut.
 
@@ -283,8 +270,8 @@ def near_duplicate_keys(
     Embeddings are L2-normalised (`ldm.first_stage.clip.clip_features`), so cosine is a dot product.
     Like `duplicate_keys`, the lower key wins whatever the order of arrival. A row is dropped when any
     lower key is close to it, even one that is itself dropped: a chain A~B~C drops B and C. Cost is
-    O(N^2 E) in blocks of ``block_rows``: fine for one ingest run of up to ~1e5 rows; at LAION scale
-    the same rule needs an approximate nearest-neighbour index (LAION used faiss).
+    O(N^2 E) in blocks of ``block_rows``: the reference the job's LSH pass (`pipelines.ingest_judge`)
+    is tested against.
     """
     if len(keys) != len(embeddings):
         raise ValueError(f"{len(keys)} keys but {len(embeddings)} embeddings")
@@ -303,7 +290,7 @@ def near_duplicate_keys(
 
 
 def lsh_miss_probability(cosine: float, bands: int, bits_per_band: int) -> float:
-    """Chance that `near_duplicate_keys_lsh` never makes a pair with this cosine a candidate.
+    """Chance that the LSH pass (`pipelines.ingest_judge`) never makes a pair with this cosine a candidate.
 
     Random-hyperplane LSH (Charikar 2002): one bit agrees with probability p = 1 - arccos(cos)/pi;
     a band of ``bits_per_band`` bits agrees with p^r; the pair is missed when no band agrees:
@@ -312,68 +299,6 @@ def lsh_miss_probability(cosine: float, bands: int, bits_per_band: int) -> float
     """
     p = 1.0 - float(np.arccos(np.clip(cosine, -1.0, 1.0))) / np.pi
     return float((1.0 - p**bits_per_band) ** bands)
-
-
-def near_duplicate_keys_lsh(
-    keys: list[str],
-    embeddings: np.ndarray,
-    threshold: float,
-    bands: int = 40,
-    bits_per_band: int = 16,
-    seed: int = 0,
-) -> dict[str, str]:
-    """`near_duplicate_keys` through LSH buckets: exact cosine only between rows sharing a bucket.
-
-    Same rule (a row is dropped when a lower key is within ``threshold``); the result is a subset of
-    the exact one, missing a close pair with at most `lsh_miss_probability` (its cosine). The work is
-    the sum of squared bucket sizes instead of N^2; the bucket codes are what a distributed version
-    groups by (``groupby(band, code)``), comparing rows exactly inside each group.
-    """
-    if len(keys) != len(embeddings):
-        raise ValueError(f"{len(keys)} keys but {len(embeddings)} embeddings")
-    if len(keys) < 2:
-        return {}
-    sorted_keys, vectors = _by_key(keys, embeddings)
-    planes = np.random.default_rng(seed).standard_normal((bands * bits_per_band, vectors.shape[1]))
-    bits = (vectors @ planes.T.astype(np.float32)) > 0  # [N, bands * bits]
-    weights = 1 << np.arange(bits_per_band, dtype=np.int64)
-    best: dict[int, int] = {}  # row -> lowest lower row found close to it (indices in key order)
-    for band in range(bands):
-        codes = bits[:, band * bits_per_band : (band + 1) * bits_per_band].astype(np.int64) @ weights
-        _, inverse, sizes = np.unique(codes, return_inverse=True, return_counts=True)
-        for bucket in np.flatnonzero(sizes > 1):
-            members = np.flatnonzero(inverse == bucket)  # ascending: lower keys first
-            similar = vectors[members] @ vectors[members].T
-            for j in range(1, len(members)):
-                lower = np.flatnonzero(similar[j, :j] >= threshold)
-                if len(lower):
-                    row, candidate = int(members[j]), int(members[lower[0]])
-                    best[row] = min(best.get(row, candidate), candidate)
-    return {sorted_keys[row]: sorted_keys[lower] for row, lower in best.items()}
-
-
-def judge_scores(
-    batch: dict[str, np.ndarray], cutoff: float, near_duplicates: dict[str, str], cutoff_detail: str
-) -> dict[str, np.ndarray]:
-    """Reject scored rows below ``cutoff`` (``low_clip_score``) or in ``near_duplicates``.
-
-    ``cutoff_detail`` says where the cut came from (``"threshold 0.28"``, ``"top 30% cut"``). The
-    image embedding column is dropped: nothing after this stage needs it.
-    """
-    reasons = batch[COL_REASON].copy()
-    stages = batch[COL_STAGE].copy()
-    details = batch[COL_DETAIL].copy()
-    for i, (key, score) in enumerate(zip(batch[COL_KEY], batch["clip_score"], strict=True)):
-        if reasons[i] != ACCEPTED:
-            continue
-        if score < cutoff:
-            reasons[i], stages[i] = REASON_LOW_CLIP, STAGE_SCORE
-            details[i] = f"clip score {score:.4f} < {cutoff:.4f} ({cutoff_detail})"
-        elif key in near_duplicates:
-            reasons[i], stages[i] = REASON_NEAR_DUPLICATE, STAGE_SCORE
-            details[i] = f"CLIP image embedding close to key {near_duplicates[key]}"
-    out = {name: column for name, column in batch.items() if name != COL_IMAGE_EMBEDDING}
-    return out | {COL_REASON: reasons, COL_STAGE: stages, COL_DETAIL: details}
 
 
 def _by_key(keys, embeddings) -> tuple[list, np.ndarray]:

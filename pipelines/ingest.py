@@ -1,14 +1,19 @@
 """The ingest job (`ldm ingest`): caption-image pairs -> latents/, rejects/ and manifest.json.
 
-The recipe (`run_ingest`): read the pairs and key them, check what needs no download (URL guard,
-caption, column predicates: `pipelines.ingest_read`), download (img2dataset, one Ray task per
-shard, `pipelines.download`), filter (plain functions), CLIP-score (an actor pool), judge the scores
-(the cut and near-duplicates need every score, so they run once scoring is done), encode (an actor
-pool), write (`pipelines.ingest_write`); then the funnel goes to MLflow (`pipelines.ingest_report`).
+The recipe (`run_ingest`), in three passes over input shards (`pipelines.ingest_plan`):
+
+1. `pipelines.ingest_stream`: one streaming Ray Data plan: per shard, read, check what needs no
+   download (URL guard, caption, column predicates), download (img2dataset), filter; then one model
+   actor scores and encodes; workers stage the rows, the driver writes a marker per finished shard;
+2. `pipelines.ingest_judge`: exact duplicates, the CLIP cut and near-duplicates over the staged
+   rows (no pixels), in Ray Data;
+3. `pipelines.ingest_publish`: per shard, latents/ and rejects/ files written by Ray tasks;
+   then the manifest, and the funnel goes to MLflow (`pipelines.ingest_report`).
+
 Every input row ends in exactly one of ``latents/`` (accepted) or ``rejects/`` (with the stage and
-reason that dropped it); the job checks that at the end and fails loudly otherwise. A re-run into
-the same output reuses finished download shards and rewrites the final outputs, so nothing is
-duplicated. docs/DATA.md says what this plan holds on the driver and where it stops scaling.
+reason that dropped it); the job checks that from per-shard counts and key digests and fails loudly
+otherwise. A re-run into the same output reuses finished shards in pass 1 and pass 3, so nothing is
+duplicated or lost. The driver holds per-shard numbers only (docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -23,16 +28,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ldm import storage
 from ldm.config.ingest import IngestConfig
 from ldm.contract import (
-    COL_CLIP_SCORE,
-    COL_KEY,
-    COL_SHA256,
-    COL_SPLIT,
     LATENTS_DIR,
     MANIFEST_FILE,
     META_CARRIED_COLUMNS,
@@ -40,10 +39,6 @@ from ldm.contract import (
     META_LATENT_SHAPE,
     META_SCALING_FACTOR,
     META_TEXT_EMBEDDING_SHAPE,
-    REJ_REASON,
-    REJ_STAGE,
-    REJECT_COLUMNS,
-    SPLIT_HOLDOUT,
     Counts,
     HoldoutInfo,
     Manifest,
@@ -52,8 +47,10 @@ from ldm.contract import (
 )
 from ldm.first_stage.text_encoder import TEXT_ENCODER_DIR, TOKENIZER_DIR
 from ldm.runtime import ensure_ray
-from pipelines import download, filters, ingest_report
-from pipelines.ingest_read import carried_columns, check_before_download, read_pairs, rejects_schema
+from pipelines import ingest_judge, ingest_publish, ingest_report, ingest_stream
+from pipelines.ingest_plan import Shard, carried_fields, plan_shards, read_pairs
+from pipelines.ingest_read import rejects_schema
+from pipelines.ingest_scale import KeyDigest, check_key_digests
 from pipelines.ingest_write import (
     IngestAccountingError,
     _remove_manifest,
@@ -61,147 +58,10 @@ from pipelines.ingest_write import (
     dataset_digest,
     latents_schema,
     model_identity,
-    write_latents,
-    write_rejects,
 )
-from pipelines.stages import ClipScorer, LatentEncoder
 
 EXPERIMENT = "ingest"
 __all__ = ["IngestAccountingError", "check_accounting", "read_pairs", "run_ingest", "log_to_mlflow"]
-
-
-# --- the Ray Data stages --------------------------------------------------------------------------
-def judge_downloads(shard_uris: list[str], output_uri: str, cfg: IngestConfig, carried: list[str]):
-    """Downloaded shards -> a materialized Dataset of filter verdicts (plus model-ready images)."""
-    import ray.data
-
-    # duplicates need a global view of the content hashes; the other filters are per row
-    fs, _ = storage.filesystem(output_uri)
-    paths = [storage.filesystem(uri)[1] for uri in shard_uris]
-    hashes = pq.ParquetDataset(paths, filesystem=fs).read(columns=[COL_KEY, COL_SHA256, download.COL_STATUS])
-    ok = hashes.filter(pc.equal(hashes.column(download.COL_STATUS), "success"))
-    duplicates = filters.duplicate_keys(ok.column(COL_KEY).to_pylist(), ok.column(COL_SHA256).to_pylist())
-    return (
-        ray.data.read_parquet(paths, filesystem=fs)
-        .map_batches(
-            filters.filter_downloads,
-            fn_kwargs={
-                "filters": cfg.filters,
-                "image_size": cfg.image_size,
-                "duplicates": duplicates,
-                "carried": carried,
-            },
-            batch_size=cfg.filter_batch_size,
-        )
-        .materialize()
-    )
-
-
-def _worker_env() -> dict:
-    """``runtime_env`` for model actors: the S3 settings, so they can read ``s3://`` models."""
-    env = storage.s3_env()
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
-def score(judged, cfg: IngestConfig):
-    """The accepted rows of ``judged`` with their CLIP score and image embedding (materialized)."""
-    import ray.data
-
-    return (
-        judged.map_batches(filters.keep_accepted, batch_size=None)
-        .map_batches(
-            ClipScorer,
-            fn_constructor_kwargs={
-                "spec": cfg.clip_spec,
-                "threshold": None,  # judged below, once every score is known (see judge_scores)
-                "use_gpu": cfg.score.num_gpus > 0,
-                "torch_threads": cfg.torch_threads,
-            },
-            batch_size=cfg.score.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
-            num_gpus=cfg.score.num_gpus,
-            num_cpus=cfg.score.num_cpus,
-            **_worker_env(),
-        )
-        .materialize()
-    )
-
-
-def judge_scores(scored, cfg: IngestConfig) -> tuple[object, np.ndarray, float]:
-    """Apply the CLIP cut and the near-duplicate filter to ``scored``.
-
-    Both need a global view (a quantile of all scores, similarities between all images), so the
-    keys, scores and embeddings (no pixels: ~2 KB per row with ViT-B/32) come to the driver first.
-    Returns (the judged Dataset, materialized; every score; the cutoff).
-    """
-    keys: list[str] = []
-    scores: list[np.ndarray] = []
-    embeddings: list[np.ndarray] = []
-    columns = [COL_KEY, COL_CLIP_SCORE, filters.COL_IMAGE_EMBEDDING]
-    for batch in scored.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None):
-        keys.extend(str(k) for k in batch[COL_KEY])
-        scores.append(batch[COL_CLIP_SCORE])
-        embeddings.append(np.asarray(batch[filters.COL_IMAGE_EMBEDDING]).reshape(len(batch[COL_KEY]), -1))
-    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    cutoff = filters.clip_cutoff(all_scores, cfg.filters)
-    near: dict[str, str] = {}
-    threshold = cfg.filters.near_duplicate_threshold
-    if threshold is not None and keys:
-        kept = all_scores >= cutoff  # near-duplicates only among rows that pass the score cut
-        vectors = np.concatenate(embeddings)[kept]
-        near = filters.near_duplicate_keys_lsh(
-            [k for k, m in zip(keys, kept, strict=True) if m],
-            vectors,
-            threshold,
-            bands=cfg.filters.near_duplicate_bands,
-            bits_per_band=cfg.filters.near_duplicate_band_bits,
-        )
-    if cfg.filters.clip_mode == "threshold":
-        how = f"threshold {cfg.filters.clip_threshold}"
-    else:
-        how = f"top {cfg.filters.clip_keep_fraction:.0%} cut"
-    judged = scored.map_batches(
-        filters.judge_scores,
-        fn_kwargs={"cutoff": cutoff, "near_duplicates": near, "cutoff_detail": how},
-        batch_size=cfg.filter_batch_size,
-    ).materialize()
-    return judged, all_scores, cutoff
-
-
-def encode(scored, cfg: IngestConfig, carried: list[str]):
-    """The accepted rows of ``scored`` with latents and the caption's text embedding and/or token ids
-    (lazy: streamed to the writer)."""
-    import ray.data
-
-    return scored.map_batches(filters.keep_accepted, batch_size=None).map_batches(
-        LatentEncoder,
-        fn_constructor_kwargs={
-            "autoencoder_spec": cfg.autoencoder_spec,
-            "text_encoder_spec": cfg.text_encoder_spec,
-            "use_gpu": cfg.encode.num_gpus > 0,
-            "torch_threads": cfg.torch_threads,
-            "store_text_embeddings": cfg.store_text_embeddings,
-            "store_input_ids": cfg.store_input_ids,
-            "carried": carried,
-        },
-        batch_size=cfg.encode.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.encode.concurrency),
-        num_gpus=cfg.encode.num_gpus,
-        num_cpus=cfg.encode.num_cpus,
-        **_worker_env(),
-    )
-
-
-def collect_rejects(dataset, schema: pa.Schema) -> pa.Table:
-    """The rejected rows of a judged or scored Dataset, as a ledger table of ``schema`` (no pixels)."""
-    carried = schema.names[len(REJECT_COLUMNS) :]
-    parts = [
-        pa.Table.from_pydict({name: batch[name].tolist() for name in schema.names}, schema=schema)
-        for batch in dataset.map_batches(
-            filters.keep_rejected, fn_kwargs={"carried": carried}, batch_size=None
-        ).iter_batches(batch_format="numpy", batch_size=None)
-    ]
-    return pa.concat_tables([schema.empty_table(), *parts])
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -216,43 +76,30 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
         "autoencoder": model_identity(cfg.autoencoder_spec),
         "text_encoder": model_identity(cfg.text_encoder_spec, subfolders=(TEXT_ENCODER_DIR, TOKENIZER_DIR)),
     }
-    rows = read_pairs(cfg.input_uri, cfg.url_col, cfg.caption_col, carry=cfg.carry_columns)
+    ensure_ray(cfg.ray_address, cfg.num_cpus)
+    shards, input_schema = plan_shards(cfg.input_uri, cfg.download.rows_per_shard)
+    carried = carried_fields(input_schema, cfg.url_col, cfg.caption_col, cfg.carry_columns)
+    for predicate in cfg.filters.columns:
+        if predicate.column not in carried.names:
+            raise ValueError(
+                f"filters.columns: the input has no column {predicate.column!r}; it has {carried.names}"
+            )
+    schema = latents_schema(cfg, models, carried)
+    ledger = rejects_schema(carried)
     run_id = start_progress_run(cfg) if cfg.log_mlflow else None
     with _marks_run_failed(cfg, run_id):  # a run left "RUNNING" by a crash would read as alive
-        carried = carried_columns(rows)
-        carried_schema = rows.select(carried).schema
-        schema = latents_schema(cfg, models, carried_schema)
-        ledger_schema = rejects_schema(carried_schema)
-
-        to_download, rejects = check_before_download(rows, cfg)
-        encoded_batches: list = []
-        shard_uris: list[str] = []
-        scores, cutoff = np.zeros(0, np.float32), filters.clip_cutoff(np.zeros(0), cfg.filters)
-        if to_download.num_rows:  # Ray only when there is something to fetch
-            ensure_ray(cfg.ray_address, cfg.num_cpus)
-            shard_uris = download.download_all(
-                to_download, output, cfg.download, cfg.allowed_hosts, on_progress=_progress_logger(cfg, run_id)
-            )
-            judged = judge_downloads(shard_uris, output, cfg, carried)
-            rejects.append(collect_rejects(judged, ledger_schema))
-            scored, scores, cutoff = judge_scores(score(judged, cfg), cfg)
-            rejects.append(collect_rejects(scored, ledger_schema))
-            encoded = encode(scored, cfg, carried)
-            encoded_batches = encoded.iter_batches(batch_format="numpy", batch_size=None)
-        accepted = write_latents(encoded_batches, output, schema, cfg.rows_per_file, cfg.holdout_fraction)
-        rejected = write_rejects(rejects, output, carried_schema)
-
-        input_keys = rows.column(COL_KEY).to_pylist()
-        check_accounting(
-            input_keys, accepted.column(COL_KEY).to_pylist(), rejected.column(COL_KEY).to_pylist()
-        )
-        manifest = build_manifest(
-            cfg, models, schema, len(input_keys), accepted, rejected, time.time() - started
-        )
-        manifest = manifest.model_copy(update={"clip_cutoff": cutoff if np.isfinite(cutoff) else None})
+        settings = ingest_stream.pass_one_settings(cfg, models)
+        markers = ingest_stream.stage_shards(shards, cfg, settings, carried, _progress_logger(cfg, run_id))
+        judgement = ingest_judge.judge(markers, cfg)
+        summaries, picked = ingest_publish.publish_all(markers, judgement, cfg, schema, ledger)
+        _check_accounting(shards, markers, summaries)
+        manifest = build_manifest(cfg, models, schema, markers, summaries, time.time() - started)
+        cutoff = judgement.cutoff if np.isfinite(judgement.cutoff) else None
+        manifest = manifest.model_copy(update={"clip_cutoff": cutoff})
         write_manifest(manifest, output)
     if cfg.log_mlflow:
-        log_to_mlflow(cfg, manifest, scores=scores, rejected=rejected, shard_uris=shard_uris, run_id=run_id)
+        samples = ingest_report.reject_samples(picked)
+        log_to_mlflow(cfg, manifest, histogram=judgement.histogram, samples=samples, run_id=run_id)
     return manifest
 
 
@@ -291,49 +138,64 @@ def _progress_logger(cfg: IngestConfig, run_id: str | None):
     client = _client(cfg)
 
     def log(figures: dict[str, float]) -> None:
-        step = int(figures["download_shards_done"])
+        step = int(figures["shards_done"])
         for key, value in figures.items():
             client.log_metric(run_id, key, value, step=step)
 
     return log
 
 
+def _check_accounting(shards: list[Shard], markers: list[dict], summaries: list[dict]) -> None:
+    """The invariant from per-shard numbers: every planned row read once, and the input keys' digest
+    equal to the digest of the keys in latents/ plus rejects/ (each shard checked its own already)."""
+    planned = sum(shard.rows for shard in shards)
+    expected = sum((KeyDigest(*m["digest"]) for m in markers), KeyDigest())
+    if expected.count != planned:
+        raise IngestAccountingError(f"ingest read {expected.count} rows of the {planned} the plan holds")
+    check_key_digests(expected, [KeyDigest(*s["digest_out"]) for s in summaries], explain=lambda: None)
+
+
 def build_manifest(
     cfg: IngestConfig,
     models: dict[str, dict[str, str]],
     schema: pa.Schema,
-    num_input: int,
-    accepted: pa.Table,
-    rejected: pa.Table,
+    markers: list[dict],
+    summaries: list[dict],
     seconds: float,
 ) -> Manifest:
+    """The manifest from the shards' numbers (no row is read here)."""
     metadata = schema.metadata
 
     def shape(key: bytes) -> list[int] | None:
         return json.loads(metadata[key]) if key in metadata else None
 
-    holdout = sum(1 for split in accepted.column(COL_SPLIT).to_pylist() if split == SPLIT_HOLDOUT)
-    by_reason = dict(sorted(Counter(rejected.column(REJ_REASON).to_pylist()).items()))
+    num_input = sum(m["input"] for m in markers)
+    accepted = sum(s["accepted"] for s in summaries)
+    holdout = sum(s["holdout"] for s in summaries)
+    by_stage: Counter[str] = sum((Counter(s["by_stage"]) for s in summaries), Counter())
+    by_reason: Counter[str] = sum((Counter(s["by_reason"]) for s in summaries), Counter())
+    content = sum(int(s["content_sum"], 16) for s in summaries) % (1 << 256)
     return Manifest(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         input=cfg.input_uri,
         output=cfg.output_uri,
         counts=Counts(
             input=num_input,
-            accepted=accepted.num_rows,
-            rejected=rejected.num_rows,
-            rejected_by_stage=dict(sorted(Counter(rejected.column(REJ_STAGE).to_pylist()).items())),
-            rejected_by_reason=by_reason,
+            accepted=accepted,
+            rejected=sum(s["rejected"] for s in summaries),
+            rejected_by_stage=dict(sorted(by_stage.items())),
+            rejected_by_reason=dict(sorted(by_reason.items())),
         ),
-        funnel=ingest_report.funnel(num_input, by_reason),
-        dataset_digest=dataset_digest(accepted),
+        funnel=ingest_report.funnel(num_input, dict(by_reason)),
+        dataset_digest=dataset_digest(content),
         models=Models.model_validate(models),
         scaling_factor=json.loads(metadata[META_SCALING_FACTOR]),
         latent_shape=json.loads(metadata[META_LATENT_SHAPE]),
         text_embedding_shape=shape(META_TEXT_EMBEDDING_SHAPE),
         input_ids_shape=shape(META_INPUT_IDS_SHAPE),
         carried_columns=json.loads(metadata[META_CARRIED_COLUMNS]),
-        split=HoldoutInfo(fraction=cfg.holdout_fraction, train=accepted.num_rows - holdout, holdout=holdout),
+        split=HoldoutInfo(fraction=cfg.holdout_fraction, train=accepted - holdout, holdout=holdout),
+        shards=len(markers),
         seconds=round(seconds, 3),
         rows_per_second=round(num_input / seconds, 3) if seconds > 0 else None,
         config=cfg.to_dict(),
@@ -343,16 +205,17 @@ def build_manifest(
 def log_to_mlflow(
     cfg: IngestConfig,
     manifest: Manifest,
-    scores: np.ndarray | None = None,
-    rejected: pa.Table | None = None,
-    shard_uris: list[str] | None = None,
+    histogram: np.ndarray | None = None,
+    samples: dict[str, list[tuple[str, np.ndarray]]] | None = None,
     run_id: str | None = None,
 ) -> str:
     """One MLflow run in experiment "ingest": config as params, counts as metrics, the manifest as
     an artifact and as the run's input dataset, and the funnel as pictures: ``funnel.png``,
     ``clip_scores.png`` (with the cut marked) and ``rejects/<reason>.png``. Returns the run id.
 
-    ``run_id``: the run `start_progress_run` opened for the live progress metrics."""
+    ``histogram``: the CLIP scores per bin (pass 2); ``samples``: (caption, thumbnail) per reason
+    (`ingest_report.reject_samples`); ``run_id``: the run `start_progress_run` opened for the live
+    progress metrics."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -377,16 +240,12 @@ def log_to_mlflow(
         mlflow.log_text(manifest.to_json(), MANIFEST_FILE)
         mlflow.set_tag("dataset_digest", manifest.dataset_digest)
         mlflow.log_figure(ingest_report.funnel_figure(manifest.funnel), "funnel.png")
-        if scores is not None and len(scores):
+        if histogram is not None and histogram.sum():
             how = cfg.filters.clip_mode if cfg.filters.clip_mode == "threshold" else "top fraction"
-            figure = ingest_report.score_histogram(scores, manifest.clip_cutoff, how)
+            figure = ingest_report.score_histogram(histogram, manifest.clip_cutoff, how)
             mlflow.log_figure(figure, "clip_scores.png")
-        if rejected is not None:
-            samples = ingest_report.reject_samples(
-                rejected, shard_uris or [], cfg.rejected_samples_per_reason
-            )
-            for reason, items in sorted(samples.items()):
-                mlflow.log_figure(ingest_report.sample_grid(reason, items), f"rejects/{reason}.png")
+        for reason, items in sorted((samples or {}).items()):
+            mlflow.log_figure(ingest_report.sample_grid(reason, items), f"rejects/{reason}.png")
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(storage.join(cfg.output_uri, LATENTS_DIR))

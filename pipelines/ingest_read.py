@@ -1,7 +1,7 @@
-"""Reading the ingest input and the checks that need no download: URL guard, caption, column predicates.
+"""The checks that need no download (URL guard, caption, column predicates) and the ledger's rows.
 
-The input is a Parquet file or folder, a CSV or a TSV (local or ``s3://``) with a URL and a caption
-column (``url_col``/``caption_col``: LAION's are ``URL`` and ``TEXT``). Every other input column is
+The input (`pipelines.ingest_plan` reads it, shard by shard) has a URL and a caption column
+(``url_col``/``caption_col``: LAION's are ``URL`` and ``TEXT``). Every other input column is
 carried through to latents/ and rejects/ unchanged (img2dataset's ``save_additional_columns``); one
 whose name clashes with a column of ours is carried as ``input_<name>``.
 
@@ -15,10 +15,7 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from ldm import storage
 from ldm.config.ingest import ColumnPredicate, IngestConfig
 from ldm.contract import (
     COL_CAPTION,
@@ -52,54 +49,14 @@ RESERVED_COLUMNS = frozenset(
 REJECTS_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 
 
-def read_pairs(uri: str, url_col: str = "url", caption_col: str = "caption", carry: bool = True) -> pa.Table:
-    """The input as (key, url, caption) strings plus the carried columns (see the module docstring)."""
-    fs, path = storage.filesystem(uri)
-    name = path.lower().removesuffix(".gz")
-    if name.endswith(".csv") or name.endswith(".tsv"):
-        delimiter = "\t" if name.endswith(".tsv") else ","
-        with fs.open_input_stream(path, compression="detect") as stream:
-            table = pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    else:  # Parquet: a file or a folder of files
-        table = pq.read_table(path, filesystem=fs)
-    missing = [c for c in (url_col, caption_col) if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{uri}: missing column(s) {missing}; it has {table.column_names}")
-    urls = _as_text(table.column(url_col))
-    captions = _as_text(table.column(caption_col))
-    keys = [filters.row_key(i, u, c) for i, (u, c) in enumerate(zip(urls, captions, strict=True))]
-    out = pa.table(
-        {
-            COL_KEY: pa.array(keys, pa.string()),
-            COL_URL: pa.array(urls, pa.string()),
-            COL_CAPTION: pa.array(captions, pa.string()),
-        }
-    )
-    if carry:
-        for column in table.column_names:
-            if column in (url_col, caption_col):
-                continue
-            carried = CARRIED_PREFIX + column if column in RESERVED_COLUMNS else column
-            out = out.append_column(carried, table.column(column))
-    return out
-
-
 def carried_columns(rows: pa.Table) -> list[str]:
-    """The carried input columns of a table made by `read_pairs`."""
+    """The carried input columns of a table made by `pipelines.ingest_plan.read_shard`."""
     return [name for name in rows.column_names if name not in (COL_KEY, COL_URL, COL_CAPTION)]
 
 
 def rejects_schema(carried: pa.Schema | None = None) -> pa.Schema:
     """The ledger's schema: `REJECT_COLUMNS` as strings, then the carried input columns."""
     return pa.schema([*REJECTS_SCHEMA, *(carried or [])])
-
-
-def _as_text(column: pa.ChunkedArray) -> list[str]:
-    """A column as strings; nulls become "". Bytes that are not UTF-8 (pyarrow reads such a CSV
-    column as binary) are decoded with U+FFFD for the bad bytes: the row stays, with a visible scar."""
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return ["" if v is None else v.decode("utf-8", errors="replace") for v in column.to_pylist()]
-    return ["" if v is None else str(v) for v in column.to_pylist()]
 
 
 def _mask(values: list[bool]) -> pa.Array:

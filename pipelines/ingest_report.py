@@ -1,25 +1,22 @@
 """The ingest funnel as pictures for MLflow: rows left after each stage, the CLIP-score histogram,
 and sample rejected images per reason.
 
-Plain functions over what the job already has (reject counts, scores, the download shards); the job
+Plain functions over what the job already has (reject counts, the score histogram, the samples the
+shards kept); the job
 logs what they return (`pipelines.ingest.log_to_mlflow`). Figures use matplotlib's Agg backend: no
 display is needed on a cluster node.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import textwrap
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from ldm import storage
-from ldm.contract import COL_CAPTION, COL_KEY, REJ_REASON, FunnelStep
+from ldm.contract import FunnelStep
 from pipelines import filters
-from pipelines.download import COL_IMAGE_BYTES
 
 # (rows left after this step, the reasons that drop rows at it), in the order the job applies them
 FUNNEL_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -77,45 +74,40 @@ def funnel_figure(steps: list[FunnelStep]):
     return figure
 
 
-def score_histogram(scores: np.ndarray, cutoff: float | None, label: str):
-    """Histogram of every CLIP score, with the cut marked (``label`` says how it was chosen)."""
+def score_histogram(counts: np.ndarray, cutoff: float | None, label: str):
+    """The CLIP scores' histogram (``counts``: rows per equal bin over [-1, 1], as pass 2 counts them),
+    with the cut marked (``label`` says how it was chosen)."""
     from matplotlib.figure import Figure
 
+    counts = np.asarray(counts, dtype=np.int64)
+    edges = np.linspace(-1.0, 1.0, len(counts) + 1)
+    used = np.flatnonzero(counts)
     figure = Figure(figsize=(7, 3.5))
     axes = figure.subplots()
-    axes.hist(np.asarray(scores, dtype=np.float64), bins=min(50, max(5, len(scores) // 4)), color="#55a868")
+    if len(used):  # regroup the fine bins into ~50 bars over the range that holds scores
+        lo, hi = used[0], used[-1] + 1
+        step = max(1, (hi - lo) // 50)
+        sums = np.add.reduceat(counts[lo:hi], np.arange(0, hi - lo, step))
+        axes.bar(edges[lo:hi:step], sums, width=step * (edges[1] - edges[0]), align="edge", color="#55a868")
     if cutoff is not None and np.isfinite(cutoff):
         axes.axvline(cutoff, color="#c44e52", linestyle="--", label=f"cut {cutoff:.3f} ({label})")
         axes.legend()
     axes.set_xlabel("CLIP score (cosine similarity)")
     axes.set_ylabel("rows")
-    axes.set_title(f"CLIP scores of {len(scores):,} scored rows")
+    axes.set_title(f"CLIP scores of {int(counts.sum()):,} scored rows")
     figure.tight_layout()
     return figure
 
 
-def reject_samples(
-    rejected: pa.Table, shard_uris: list[str], per_reason: int
-) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """Up to ``per_reason`` (caption, thumbnail) per sampled reason, lowest keys first (repeatable)."""
-    if per_reason == 0 or not shard_uris or rejected.num_rows == 0:
-        return {}
-    wanted: dict[str, str] = {}  # key -> reason
-    for reason in SAMPLED_REASONS:
-        keys = rejected.filter(pc.equal(rejected.column(REJ_REASON), reason)).column(COL_KEY).to_pylist()
-        wanted |= dict.fromkeys(sorted(keys)[:per_reason], reason)
-    if not wanted:
-        return {}
-    fs, _ = storage.filesystem(shard_uris[0])
-    paths = [storage.filesystem(uri)[1] for uri in shard_uris]
-    rows = pq.ParquetDataset(paths, filesystem=fs, filters=[(COL_KEY, "in", list(wanted))]).read(
-        columns=[COL_KEY, COL_CAPTION, COL_IMAGE_BYTES]
-    )
+def reject_samples(picked: dict[str, list]) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """(caption, thumbnail) per sampled reason, from the [key, caption, thumbnail as base64] rows
+    the published shards kept, lowest keys first (`pipelines.ingest_publish.publish_all`)."""
     samples: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for row in sorted(rows.to_pylist(), key=lambda r: r[COL_KEY]):
-        thumb = _thumbnail(row[COL_IMAGE_BYTES])
-        if thumb is not None:
-            samples.setdefault(wanted[row[COL_KEY]], []).append((row[COL_CAPTION], thumb))
+    for reason, rows in sorted(picked.items()):
+        for _, caption, thumb in sorted(rows):
+            image = _thumbnail(base64.b64decode(thumb))
+            if image is not None:
+                samples.setdefault(reason, []).append((caption, image))
     return samples
 
 

@@ -6,8 +6,6 @@
 - `top_fraction_cutoff`: the CLIP top-fraction cut from a fixed-bin histogram pass over the scores,
   then a second pass that keeps only the scores of the one bin the cut falls in. Exact (the same
   value as sorting every score), with memory bounded by the bins plus that one bin's scores.
-- `exact_duplicates`: rows with the same content hash, found by a Ray Data ``groupby`` on the hash;
-  only the duplicates (not every hash) come back to the driver.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm.contract import COL_KEY, COL_SHA256
 from pipelines.ingest_write import IngestAccountingError
 
 _MASK64 = (1 << 64) - 1
@@ -74,7 +71,7 @@ def check_key_digests(expected: KeyDigest, parts: Iterable[KeyDigest], explain: 
 SCORE_RANGE = (-1.0, 1.0)  # CLIP scores are cosine similarities; values outside land in the end bins
 
 
-def _bin_of(scores: np.ndarray, bins: int) -> np.ndarray:
+def bin_of(scores: np.ndarray, bins: int) -> np.ndarray:
     low, high = SCORE_RANGE
     position = (np.asarray(scores, dtype=np.float64) - low) / (high - low) * bins
     return np.clip(np.floor(position), 0, bins - 1).astype(np.int64)
@@ -84,7 +81,7 @@ def score_histogram(batches: Iterable[np.ndarray], bins: int = 4096) -> np.ndarr
     """Rows per bin: ``bins`` equal bins over `SCORE_RANGE` (the end bins also take what lies beyond)."""
     counts = np.zeros(bins, dtype=np.int64)
     for batch in batches:
-        counts += np.bincount(_bin_of(batch, bins), minlength=bins)
+        counts += np.bincount(bin_of(batch, bins), minlength=bins)
     return counts
 
 
@@ -101,37 +98,25 @@ def top_fraction_cutoff(
     one bin of width 2/bins). Returns (the cutoff, the histogram, for the report); -inf with no scores.
     """
     counts = score_histogram(read_scores(), bins)
+
+    def in_bin(cut_bin: int) -> np.ndarray:
+        in_bin = [np.asarray(b, dtype=np.float64) for b in read_scores()]
+        return np.concatenate([b[bin_of(b, bins) == cut_bin] for b in in_bin]) if in_bin else np.zeros(0)
+
+    return cut_from_histogram(counts, fraction, in_bin), counts
+
+
+def cut_from_histogram(
+    counts: np.ndarray, fraction: float, values_in_bin: Callable[[int], np.ndarray]
+) -> float:
+    """`top_fraction_cutoff` from the bin counts and a function giving one bin's scores (-inf: no rows)."""
     total = int(counts.sum())
     if total == 0:
-        return float("-inf"), counts
+        return float("-inf")
     keep = int(np.ceil(fraction * total))
     at_or_above = np.cumsum(counts[::-1])[::-1]  # rows in this bin or a higher one, per bin
     cut_bin = int(np.flatnonzero(at_or_above >= keep).max())  # the highest bin that reaches the target
     above = int(at_or_above[cut_bin] - counts[cut_bin])
-    in_bin = [np.asarray(b, dtype=np.float64) for b in read_scores()]
-    values = np.concatenate([b[_bin_of(b, bins) == cut_bin] for b in in_bin]) if in_bin else np.zeros(0)
+    values = np.asarray(values_in_bin(cut_bin), dtype=np.float64)
     rank = keep - above  # 1-based rank of the cut inside its bin, best first
-    return float(np.sort(values)[::-1][rank - 1]), counts
-
-
-# --- exact duplicates by content hash -------------------------------------------------------------
-def _duplicates_in_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One content hash's rows -> (duplicate key, kept key) for every row but the lowest key."""
-    keys = sorted(str(k) for k in group[COL_KEY])
-    return {
-        "duplicate": np.array(keys[1:], dtype=object),
-        "kept": np.array(keys[:1] * (len(keys) - 1), dtype=object),
-    }
-
-
-def exact_duplicates(hashes) -> dict[str, str]:
-    """{duplicate key: kept key} over a Ray Dataset of (key, sha256) rows with a hash (downloaded).
-
-    A ``groupby`` on the hash: each group keeps its lowest key (independent of download order and
-    sharding, like `pipelines.filters.duplicate_keys`). Only duplicates reach the driver.
-    """
-    pairs = hashes.groupby(COL_SHA256).map_groups(_duplicates_in_group, batch_format="numpy")
-    found: dict[str, str] = {}
-    for batch in pairs.iter_batches(batch_format="numpy", batch_size=None):
-        found.update(zip((str(k) for k in batch["duplicate"]), (str(k) for k in batch["kept"]), strict=True))
-    return found
+    return float(np.sort(values)[::-1][rank - 1])

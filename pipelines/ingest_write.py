@@ -1,8 +1,8 @@
-"""Writing the ingest outputs: the latents schema (with its metadata), latents/, rejects/, and the checks.
+"""The ingest outputs' schema (with its metadata), model identities, the dataset digest and the
+key-by-key accounting check (run only to explain a digest mismatch).
 
-Latents are written with pyarrow on the driver, not with ``Dataset.write_parquet``: every file must
-carry the schema metadata (scaling factor, shapes, model identities) and Ray's writer has no hook
-for it. Each accepted row gets its hold-out split here (`ldm.contract.holdout_split`, by key hash).
+Latents are written by the workers of pass 3 (`pipelines.ingest_publish`) with pyarrow and this
+schema: every file carries the metadata (scaling factor, shapes, model identities).
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import hashlib
 import json
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from ldm import storage
 from ldm.config.ingest import IngestConfig
@@ -30,7 +28,6 @@ from ldm.contract import (
     COL_TEXT_EMBEDDING,
     COL_URL,
     COL_WIDTH,
-    LATENTS_DIR,
     MANIFEST_FILE,
     META_AUTOENCODER,
     META_CARRIED_COLUMNS,
@@ -41,10 +38,7 @@ from ldm.contract import (
     META_SCALING_FACTOR,
     META_TEXT_EMBEDDING_SHAPE,
     META_TEXT_ENCODER,
-    REJECTS_DIR,
-    holdout_split,
 )
-from pipelines.ingest_read import rejects_schema
 
 
 class IngestAccountingError(RuntimeError):
@@ -119,88 +113,18 @@ def latents_schema(
     return pa.schema([*(pa.field(n, t) for n, t in fields), *carried], metadata=metadata)
 
 
-# --- write ---------------------------------------------------------------------------------------
-def _fresh_dir(uri: str) -> None:
-    """Delete the folder at ``uri`` (a re-run rewrites the outputs) and create it empty."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-
-
+# --- the manifest and the accounting -------------------------------------------------------------
 def _remove_manifest(output_uri: str) -> None:
     fs, path = storage.filesystem(storage.join(output_uri, MANIFEST_FILE))
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
 
 
-def _latent_batch_table(batch: dict[str, np.ndarray], schema: pa.Schema, holdout_fraction: float) -> pa.Table:
-    batch = dict(batch)
-    batch[COL_SPLIT] = np.array(
-        [holdout_split(str(k), holdout_fraction) for k in batch[COL_KEY]], dtype=object
-    )
-    columns = []
-    for field in schema:
-        values = batch[field.name]
-        if isinstance(field.type, pa.FixedShapeTensorType):
-            expected = tuple(field.type.shape)
-            if tuple(values.shape[1:]) != expected:
-                raise ValueError(f"{field.name} has shape {values.shape[1:]}, the schema says {expected}")
-            columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values)))
-        else:
-            columns.append(pa.array(values.tolist(), type=field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def write_latents(
-    batches, output_uri: str, schema: pa.Schema, rows_per_file: int, holdout_fraction: float = 0.0
-) -> pa.Table:
-    """Stream encoded batches into ``latents/part-NNNNN.parquet``; returns their (key, sha256, split)."""
-    folder = storage.join(output_uri, LATENTS_DIR)
-    _fresh_dir(folder)
-    fs, base = storage.filesystem(folder)
-    written: list[pa.Table] = [
-        pa.table({name: pa.array([], pa.string()) for name in (COL_KEY, COL_SHA256, COL_SPLIT)})
-    ]
-    writer, rows_in_file, part = None, 0, 0
-    for batch in batches:
-        table = _latent_batch_table(batch, schema, holdout_fraction)
-        while table.num_rows:
-            if writer is None or rows_in_file >= rows_per_file:
-                if writer is not None:
-                    writer.close()
-                writer = pq.ParquetWriter(f"{base}/part-{part:05d}.parquet", schema, filesystem=fs)
-                rows_in_file, part = 0, part + 1
-            piece = table.slice(0, rows_per_file - rows_in_file)
-            writer.write_table(piece)
-            written.append(piece.select([COL_KEY, COL_SHA256, COL_SPLIT]))
-            rows_in_file += piece.num_rows
-            table = table.slice(piece.num_rows)
-    if writer is None:  # no accepted row: still leave one (empty) file that carries the schema
-        pq.write_table(schema.empty_table(), f"{base}/part-00000.parquet", filesystem=fs)
-    else:
-        writer.close()
-    return pa.concat_tables(written)
-
-
-def write_rejects(rejects: list[pa.Table], output_uri: str, carried: pa.Schema | None = None) -> pa.Table:
-    schema = rejects_schema(carried)
-    table = pa.concat_tables([schema.empty_table(), *(r.select(schema.names).cast(schema) for r in rejects)])
-    folder = storage.join(output_uri, REJECTS_DIR)
-    _fresh_dir(folder)
-    fs, base = storage.filesystem(folder)
-    pq.write_table(table, f"{base}/part-00000.parquet", filesystem=fs)
-    return table
-
-
-def dataset_digest(accepted: pa.Table) -> str:
-    """sha256 over the sorted (key, content hash) pairs of the accepted rows: same data, same digest."""
-    digest = hashlib.sha256()
-    pairs = sorted(
-        zip(accepted.column(COL_KEY).to_pylist(), accepted.column(COL_SHA256).to_pylist(), strict=True)
-    )
-    for key, content in pairs:
-        digest.update(f"{key}\t{content}\n".encode())
-    return digest.hexdigest()
+def dataset_digest(content_sum: int) -> str:
+    """The accepted rows' digest: the sum mod 2^256 of sha256(key, tab, content hash) over the rows
+    (`pipelines.ingest_publish.content_sum`, added up over shards), as 64 hex digits. Order-free, so
+    the same accepted (key, content hash) pairs give the same digest however they were sharded."""
+    return f"{content_sum:064x}"
 
 
 def check_accounting(input_keys: list[str], accepted_keys: list[str], rejected_keys: list[str]) -> None:

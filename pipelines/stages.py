@@ -60,9 +60,9 @@ def _device(use_gpu: bool, torch_threads: int) -> str:
 class ClipScorer:
     """Adds ``clip_score`` (cosine similarity, float32) and ``image_embedding`` (float32 [E]).
 
-    With a ``threshold`` it also rejects pairs below it. The ingest job passes none: its cut may be
-    a top fraction of all scores and near-duplicates need every embedding, so it judges the scores
-    after this stage (`pipelines.filters.judge_scores`).
+    With a ``threshold`` it also rejects pairs below it. The ingest job passes none (through
+    `ScoreEncoder`): its cut may be a top fraction of all scores and near-duplicates need every
+    embedding, so it judges the scores in pass 2 (`pipelines.ingest_judge`).
     """
 
     def __init__(
@@ -164,3 +164,70 @@ class LatentEncoder:
             (0, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size), np.float32
         )
         return latents, text
+
+
+# columns of the streaming plan (`pipelines.ingest_stream`) that never reach latents/ or rejects/
+COL_SHARD = "ldm_shard"  # int64: the input shard a row came from
+COL_NOTE = "ldm_note"  # "" on a row; a JSON summary on the one marker row each input shard sends
+
+
+class ScoreEncoder:
+    """CLIP score, image embedding, latent and caption encoding in one actor (pixels die here).
+
+    One model stage instead of two: the images are dropped as soon as both models saw them, and one
+    actor start-up is paid instead of two. Rows whose ``ldm_note`` is set are the shards' marker rows
+    (`pipelines.ingest_stream`): they pass through, with zeros in the computed columns. Returns key,
+    sha256, ``ldm_shard``, ``ldm_note``, clip_score, image_embedding, latent, and text_embedding and/or
+    input_ids as configured.
+    """
+
+    def __init__(
+        self,
+        clip_spec: str,
+        autoencoder_spec: str,
+        text_encoder_spec: str,
+        use_gpu: bool = False,
+        torch_threads: int = 1,
+        store_text_embeddings: bool = True,
+        store_input_ids: bool = False,
+    ):
+        self.scorer = ClipScorer(clip_spec, None, use_gpu, torch_threads)
+        self.encoder = LatentEncoder(
+            autoencoder_spec,
+            text_encoder_spec,
+            use_gpu,
+            torch_threads,
+            store_text_embeddings,
+            store_input_ids,
+        )
+        self.computed: tuple[str, ...] = (COL_CLIP_SCORE, COL_IMAGE_EMBEDDING, COL_LATENT)
+        self.computed += (COL_TEXT_EMBEDDING,) if store_text_embeddings else ()
+        self.computed += (COL_INPUT_IDS,) if store_input_ids else ()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        real = np.array([not note for note in batch[COL_NOTE]], dtype=bool)
+        rows = {name: values[real] for name, values in batch.items()}
+        n = int(real.sum())
+        scored = self.scorer(
+            {COL_KEY: rows[COL_KEY], COL_IMAGE: rows[COL_IMAGE], COL_CAPTION: rows[COL_CAPTION]}
+        )
+        blank = {name: np.zeros(n, dtype=object) for name in (COL_URL, COL_SHA256)}
+        blank |= {name: np.zeros(n, dtype=np.int32) for name in (COL_WIDTH, COL_HEIGHT)}
+        encoded = self.encoder(
+            blank
+            | {COL_KEY: rows[COL_KEY], COL_CAPTION: rows[COL_CAPTION], COL_IMAGE: rows[COL_IMAGE]}
+            | {COL_CLIP_SCORE: scored[COL_CLIP_SCORE]}
+        )
+        out = {name: rows[name] for name in (COL_KEY, COL_SHA256, COL_SHARD, COL_NOTE)}
+        out |= {name: scored[name] if name in scored else encoded[name] for name in self.computed}
+        markers = ~real
+        return {
+            name: np.concatenate(
+                [values, batch[name][markers] if name in batch else _zeros_like(values, int(markers.sum()))]
+            )
+            for name, values in out.items()
+        }
+
+
+def _zeros_like(values: np.ndarray, rows: int) -> np.ndarray:
+    return np.zeros((rows, *values.shape[1:]), dtype=values.dtype)

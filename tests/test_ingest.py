@@ -219,9 +219,13 @@ def test_ingest_end_to_end_accounts_for_every_row(ray_local, workdir, crawl, cap
     assert len(runs) == 1
     assert runs[0].data.metrics["accepted_rows"] == 42 and runs[0].data.params["input"] == str(input_csv)
 
-    # a re-run into the same output reuses the download shards and rewrites the outputs, not duplicates them
-    markers = {p: p.stat().st_mtime_ns for p in (out / "_staging" / "download").glob("*.done")}
-    assert markers
+    # a re-run into the same output reuses the staged and published shards: nothing is redone or duplicated
+    staged = [
+        *(out / "_staging" / "rows").glob("shard-*.json"),
+        *(out / "_staging" / "published").glob("*.json"),
+    ]
+    markers = {p: p.stat().st_mtime_ns for p in [*staged, *(out / LATENTS_DIR).glob("*.parquet")]}
+    assert len(staged) == 2
     again = run_ingest_quiet(cfg.model_copy(update={"log_mlflow": False}))
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
     assert again.dataset_digest == manifest.dataset_digest and again.counts == manifest.counts

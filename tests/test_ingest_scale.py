@@ -7,7 +7,7 @@ import pytest
 
 from ldm.config.ingest import FilterConfig
 from pipelines import filters
-from pipelines.ingest_scale import KeyDigest, exact_duplicates, top_fraction_cutoff
+from pipelines.ingest_scale import KeyDigest, top_fraction_cutoff
 
 
 def test_key_digest_is_order_free_and_sees_a_lost_a_repeated_or_a_swapped_key():
@@ -51,6 +51,8 @@ def test_histogram_cut_of_no_scores_cuts_nothing():
 def test_exact_duplicates_by_groupby_keep_the_lowest_key(ray_local):
     import ray.data
 
+    from pipelines.ingest_judge import mark_duplicates
+
     rows = [
         {"key": "b", "sha256": "h1"},
         {"key": "a", "sha256": "h1"},
@@ -59,7 +61,9 @@ def test_exact_duplicates_by_groupby_keep_the_lowest_key(ray_local):
         {"key": "e", "sha256": "h3"},
         {"key": "f", "sha256": "h3"},
     ]
-    found = exact_duplicates(ray.data.from_items(rows, override_num_blocks=3))
+    dataset = ray.data.from_items(rows, override_num_blocks=3)
+    marked = dataset.groupby("sha256", num_partitions=2).map_groups(mark_duplicates, batch_format="numpy")
+    found = {row["key"]: row["duplicate_of"] for row in marked.take_all() if row["duplicate_of"]}
     assert found == {"b": "a", "c": "a", "f": "e"}
     assert found == filters.duplicate_keys([r["key"] for r in rows], [r["sha256"] for r in rows])
 

@@ -107,8 +107,14 @@ def test_ingest_from_s3_to_s3(ray_local, s3_endpoint, tmp_path, monkeypatch):
     assert tensor.shape == (2, 4, 16, 16) and np.isfinite(tensor).all()
     stored = read_manifest(f"s3://{out}")
     assert stored.counts == manifest.counts and stored.counts.input == 6
-    markers = fs.get_file_info(pafs.FileSelector(f"{out}/_staging/download"))
-    assert sum(info.path.endswith(".done") for info in markers) == 2  # 6 rows, 3 per shard
+    markers = fs.get_file_info(pafs.FileSelector(f"{out}/_staging/rows"))
+    assert sum(info.path.endswith(".json") for info in markers) == 2  # 6 rows, 3 per shard
+    published = fs.get_file_info(pafs.FileSelector(f"{out}/{LATENTS_DIR}"))
+    assert sorted(info.base_name for info in published) == [
+        "part-00000-000.parquet",
+        "part-00001-000.parquet",
+    ]
+    assert stored.shards == 2
     assert not (work.root / "data").exists()  # nothing went to the local default
 
     # the training side reads the same S3 latents: facts from the schema, rows through Ray Data
