@@ -323,7 +323,7 @@ def test_sd_chain_on_s3(kind, mode, bucket, ray_local):
     first = train(workdir, kind, mode, *ddp)
     print(f"[{kind}-{mode}] train done at {time.monotonic() - started:.0f}s", file=sys.stderr)
     assert first["steps"] == 2 and first["checkpoint"].startswith(f"{BUCKET}/runs/{kind}-{mode}/")
-    assert first["exported_weights"] == ("ema_lora" if mode == "lora" else "ema")
+    assert first["exported_weights"] == ("ema_lora" if mode == "lora" else "ema_unet")
     if ddp:  # the replicas end equal
         assert len(first["replicas"]) == 2 and len({r["sha256"] for r in first["replicas"]}) == 1
     fs, path = storage.filesystem(f"s3://{first['checkpoint']}")
