@@ -10,8 +10,9 @@ configs name, caption-image pairs served by a local HTTP server, then
     promotes to champion) -> upload the export -> ldm serve --model s3://... -> one HTTP generate ->
     Ctrl-C (Serve shut down, no replica left holding CPU).
 
-`make test` runs one leg (sd1 LoRA, the most used path); the other three are nightly (`make test-all`),
-as is one `ldm retrain` cycle with configs/sd15-retrain.yaml and everything on S3.
+`make test` runs one leg (sd1 LoRA, the most used path, without the resume: CI's time budget); the other
+three are nightly (`make test-all`), as is one `ldm retrain` cycle with configs/sd15-retrain.yaml and
+everything on S3.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def check_export(export: Path, kind: str, mode: str) -> None:
         )
 
 
-def check_mlflow(workdir: Path, first: dict, resumed: dict, kind: str, mode: str) -> None:
+def check_mlflow(workdir: Path, first: dict, resumed: dict | None, kind: str, mode: str) -> None:
     import mlflow
 
     from ldm.tracking import configure
@@ -237,8 +238,9 @@ def check_mlflow(workdir: Path, first: dict, resumed: dict, kind: str, mode: str
     assert params["data.uri"] == DATASET[kind] and params["storage_path"] == f"s3://{BUCKET}/runs"
     trainable, total = int(params["trainable_params"]), int(params["total_params"])
     assert (0 < trainable < total / 10) if mode == "lora" else (trainable == total > 0)
-    history = client.get_metric_history(resumed["run_id"], "resumed_from_step")
-    assert [m.value for m in history] == [2.0]
+    if resumed is not None:
+        history = client.get_metric_history(resumed["run_id"], "resumed_from_step")
+        assert [m.value for m in history] == [2.0]
 
 
 def _sleeping_in_run_serve(thread_id: int) -> bool:
@@ -296,8 +298,9 @@ def serve_and_generate(workdir: Path, model: str) -> dict:
     return answered
 
 
+CI_LEG = ("sd1", "lora")  # `make test`'s leg: the most used path, without the resume (CI budget)
 LEGS = [
-    pytest.param("sd1", "lora", id="sd1-lora"),  # `make test`: the most used path
+    pytest.param(*CI_LEG, id="-".join(CI_LEG)),
     *(
         pytest.param(kind, mode, id=f"{kind}-{mode}", marks=[pytest.mark.slow, pytest.mark.nightly])
         for kind, mode in (("sd1", "full"), ("sd2", "full"), ("sd2", "lora"))
@@ -331,9 +334,11 @@ def test_sd_chain_on_s3(kind, mode, bucket, ray_local):
     assert ("lora" in names and "unet" not in names) if mode == "lora" else "unet" in names
     check_export(Path(first["export"]), kind, mode)
 
-    resumed = train(workdir, kind, mode, *ddp, "max_steps=3")  # same run_name: resumes from the S3 checkpoint
-    assert resumed["steps"] == 3 and resumed["checkpoint"].startswith(f"{BUCKET}/runs/{kind}-{mode}/")
-    check_mlflow(workdir, first, resumed, kind, mode)
+    final_run = first
+    if (kind, mode) != CI_LEG:  # same run_name: resumes from the S3 checkpoint
+        final_run = train(workdir, kind, mode, *ddp, "max_steps=3")
+        assert final_run["steps"] == 3 and final_run["checkpoint"].startswith(f"{BUCKET}/runs/{kind}-{mode}/")
+    check_mlflow(workdir, first, final_run if final_run is not first else None, kind, mode)
     print(f"[{kind}-{mode}] resume done at {time.monotonic() - started:.0f}s", file=sys.stderr)
 
     name = MODEL_NAME[mode]
@@ -344,10 +349,10 @@ def test_sd_chain_on_s3(kind, mode, bucket, ray_local):
     final = json.loads(out.strip().splitlines()[-1])
     for key in ("clip_score", "cmmd", "reference.clip_score", "reference.cmmd"):
         assert isinstance(final[key], float), (key, final)
-    assert get_alias_version(name, "champion") == str(resumed["model_version"])
+    assert get_alias_version(name, "champion") == str(final_run["model_version"])
 
     print(f"[{kind}-{mode}] eval done at {time.monotonic() - started:.0f}s", file=sys.stderr)
-    model = storage.upload_folder(Path(resumed["export"]), f"s3://{BUCKET}/exports/{kind}-{mode}")
+    model = storage.upload_folder(Path(final_run["export"]), f"s3://{BUCKET}/exports/{kind}-{mode}")
     answered = serve_and_generate(workdir, model)
     print(f"[{kind}-{mode}] serve done at {time.monotonic() - started:.0f}s", file=sys.stderr)
     assert answered.get("status") == 200, answered
