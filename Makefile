@@ -35,7 +35,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout 1200 --durations=25 -m "not nightly" $(PYTEST_FLAGS) tests
 
 ## Every test, the `nightly` ones too (retrain cycles, notebooks, autoscaling, `ray job submit`,
-## fault tolerance, the SD chain on S3, `mlflow models serve`): about an hour on 2 cores.
+## fault tolerance, the SD chain on S3 (tests/test_sd_chain.py: SD 1.x full, SD 2.x full and LoRA,
+## the SD retrain cycle; `make test` keeps its SD 1.x LoRA leg without the resume),
+## `mlflow models serve`): about an hour on 2 cores.
 test-all: $(STAMP)
 	$(BIN)/ruff check ldm pipelines serve tests benchmarks
 	$(BIN)/mypy

@@ -24,6 +24,7 @@ from typing import Any, cast
 from ray import serve
 from ray.serve import Deployment
 
+from ldm import storage
 from ldm.config.serve import ServeConfig
 from serve.generator import Generator
 from serve.http import Ingress
@@ -78,6 +79,13 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """
     from ldm.tracking import tracking_uri
 
+    options = generator_options(cfg)
+    # Replicas do not see variables set in the driver after `ray.init`: an s3:// model needs this
+    # process's S3 settings (as the ingest actors get them, pipelines/ingest.py). Kept out of
+    # `generator_options`, which is written into serve config files: no credentials in a file.
+    env = storage.s3_env()
+    if env:
+        options["ray_actor_options"] = options["ray_actor_options"] | {"runtime_env": {"env_vars": env}}
     generator = GENERATOR.options(
         user_config={
             "model": _absolute_model_uri(cfg.model),
@@ -85,7 +93,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
             "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
             "reload_interval_s": cfg.reload_interval_s,
         },
-        **generator_options(cfg),
+        **options,
     ).bind(tracking_uri(Path(cfg.workdir).resolve()), cfg.torch_threads, cfg.dtype)
     key = os.environ.get(API_KEY_ENV)
     key_digest = hashlib.sha256(key.encode()).hexdigest() if key else None

@@ -70,3 +70,23 @@ def test_the_rayservice_config_requests_gpus_and_float16():
     assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 1.0
     with pytest.raises(ValueError, match="float16 needs GPU"):
         ServeConfig(dtype="float16")
+
+
+def test_replicas_get_the_s3_settings_and_config_files_do_not(monkeypatch):
+    """`ldm serve --model s3://...`: the model replicas read the bucket with the caller's S3 settings
+    (Ray workers do not see variables set after `ray.init`); a rendered serve config holds none."""
+    from serve.app import build_app
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "key-id",
+        "AWS_SECRET_ACCESS_KEY": "secret-value",
+        "AWS_ENDPOINT_URL_S3": "http://s3:9",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # Ray's own structures: the ingress deployment is bound to the model deployment's application.
+    generator = build_app(ServeConfig(model="s3://bucket/model"))._bound_deployment.init_args[0]
+    options = generator._bound_deployment.ray_actor_options
+    assert options["runtime_env"]["env_vars"].items() >= env.items()
+    assert options["num_cpus"] == ServeConfig().replica_num_cpus
+    assert "secret-value" not in render(gpu_cluster_config())

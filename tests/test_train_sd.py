@@ -1,77 +1,25 @@
 """Training from Stable Diffusion pipeline folders (tests/sd_fixtures.py): the folder's architecture and
-schedule, LoRA (only the adapter trains, checkpoints and resume, export loadable by diffusers), and
-Ray Train checkpoints on S3 (moto) with a resume that continues the step count."""
+schedule, LoRA (only the adapter trains, checkpoints and resume, export loadable by diffusers).
+
+The whole chain through the CLI (Ray Train, checkpoints on S3 and a resume that continues the step
+count, LoRA under DDP) is tests/test_sd_chain.py."""
 
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from s3_fixtures import s3_endpoint, use_s3  # noqa: F401 - s3_endpoint is a fixture
 from sd_fixtures import LATENT_SIZE, SCALING_FACTOR, sd_folder_for_session
-from test_train import tensor_column
 
 from ldm.config.lora import LoraConfig
 from ldm.config.train import TrainConfig
-from ldm.contract import (
-    COL_CAPTION,
-    COL_KEY,
-    COL_LATENT,
-    COL_TEXT_EMBEDDING,
-    LATENTS_DIR,
-    MANIFEST_FILE,
-    META_LATENT_SHAPE,
-    META_SCALING_FACTOR,
-    META_TEXT_EMBEDDING_SHAPE,
-    WorkDir,
-)
-from ldm.testing import manifest_json
 from pipelines.train import LatentsFacts, LocalWorld, LoopInputs, NanGuard, resolve_init, train_loop
 from pipelines.train.checkpoint import LORA_DIR, UNET_DIR
 from pipelines.train.data import tensor_batches
 from pipelines.train.export import export_checkpoint
 from pipelines.train.hooks import CheckpointReporter
 from pipelines.train.source import load_first_stage
-
-CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a large yellow star"]
-
-
-def write_sd_data(root: Path, folder: Path, rows: int = 16) -> WorkDir:
-    """A latents dataset as `ldm ingest` writes it with ``folder``'s text encoder (random latents)."""
-    from ldm.first_stage.text_encoder import load_text_encoder
-    from ldm.text import encode_captions
-
-    work = WorkDir(root)
-    tokenizer, text_encoder = load_text_encoder(str(folder))
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(rows)]
-    embeddings = encode_captions(tokenizer, text_encoder, captions).numpy().astype(np.float16)
-    shape = (4, LATENT_SIZE, LATENT_SIZE)
-    latents = np.random.default_rng(0).normal(0, 0.8, size=(rows, *shape)).astype(np.float16)
-    table = pa.table(
-        {
-            COL_KEY: [f"{i:04d}" for i in range(rows)],
-            COL_CAPTION: captions,
-            COL_LATENT: tensor_column(latents),
-            COL_TEXT_EMBEDDING: tensor_column(embeddings),
-        }
-    )
-    metadata = {
-        META_LATENT_SHAPE: json.dumps(list(shape)).encode(),
-        META_TEXT_EMBEDDING_SHAPE: json.dumps(list(embeddings.shape[1:])).encode(),
-        META_SCALING_FACTOR: json.dumps(SCALING_FACTOR).encode(),
-    }
-    (work.data / LATENTS_DIR).mkdir(parents=True)
-    pq.write_table(table.replace_schema_metadata(metadata), work.data / LATENTS_DIR / "part-00000.parquet")
-    (work.data / MANIFEST_FILE).write_text(
-        manifest_json(rows, "sd", list(latents.shape[1:]), float(SCALING_FACTOR))
-    )
-    return work
 
 
 def _base_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -164,72 +112,3 @@ def test_lora_trains_only_the_adapter_checkpoints_resumes_and_exports(tmp_path, 
         torch.testing.assert_close(
             pipe.unet(sample, t, cond).sample, fused.unet(sample, t, cond).sample, rtol=1e-4, atol=1e-5
         )
-
-
-@pytest.mark.slow
-@pytest.mark.nightly  # `make test-all`; see the Makefile
-def test_full_fine_tune_with_checkpoints_on_s3_resumes_the_step_count(
-    tmp_path,
-    tmp_path_factory,
-    ray_local,
-    monkeypatch,
-    s3_endpoint,  # noqa: F811
-):
-    import boto3
-    import mlflow
-    from diffusers import StableDiffusionPipeline
-
-    from ldm.tracking import configure
-    from pipelines.train import run_train
-
-    use_s3(monkeypatch, s3_endpoint, tmp_path / "cache")
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="ckpts")
-    folder = sd_folder_for_session(tmp_path_factory, "sd1")
-    work = write_sd_data(tmp_path / "work", folder)
-    cfg = TrainConfig(
-        workdir=str(work.root),
-        init_from=str(folder),
-        autoencoder=str(folder),
-        text_encoder=str(folder),
-        storage_path="s3://ckpts/runs",
-        run_name="sd1-s3",
-        batch_size=4,
-        max_steps=2,
-        max_minutes=None,
-        warmup_steps=0,
-        lr=1e-3,
-        checkpoint_every=2,
-        sample_every=100,
-        sample_prompts=[],
-        system_metrics=False,
-    )
-    first = run_train(cfg)
-    assert first["steps"] == 2 and first["checkpoint"].startswith("ckpts/runs/sd1-s3")
-    pipe = StableDiffusionPipeline.from_pretrained(first["export"], local_files_only=True)
-    source = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
-    assert pipe.scheduler.config.prediction_type == "epsilon"
-    reference = source.unet.state_dict()
-    trained = pipe.unet.state_dict()
-    assert trained.keys() == reference.keys()
-    assert all(trained[k].shape == reference[k].shape for k in reference)
-    assert any(not torch.equal(trained[k], reference[k]) for k in reference)  # weights moved
-
-    second = run_train(cfg.model_copy(update={"max_steps": 4}))
-    assert second["steps"] == 4
-    configure(work.root)
-    client = mlflow.MlflowClient()
-    assert [m.value for m in client.get_metric_history(second["run_id"], "resumed_from_step")] == [2.0]
-    params = client.get_run(first["run_id"]).data.params
-    assert params["trainable_params"] == params["total_params"] != "0"
-    assert params["prediction_type"] == "epsilon"
-    assert math.isfinite(second["final_loss"])
-
-    # LoRA under DDP (2 workers): only the adapter's gradients sync, and the replicas end equal.
-    lora = run_train(cfg.model_copy(update={"run_name": "sd1-lora", "lora": LoraConfig(rank=4)}))
-    assert lora["exported_weights"] == "ema_lora"
-    assert len(lora["replicas"]) == 2
-    assert lora["replicas"][0]["sha256"] == lora["replicas"][1]["sha256"]
-    assert (Path(lora["export"]) / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    lora_params = client.get_run(lora["run_id"]).data.params
-    assert 0 < int(lora_params["trainable_params"]) < int(lora_params["total_params"])
