@@ -74,7 +74,9 @@ def test_two_nodes_one_worker_each_end_with_identical_weights(tmp_path):
         start_new_session=True,  # its own process group: on timeout we stop exactly what it started
     )
     try:
-        output, _ = process.communicate(timeout=480)  # a limit, not a timing check: registration runs the pyfunc once
+        output, _ = process.communicate(
+            timeout=480
+        )  # a limit, not a timing check: registration runs the pyfunc once
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
