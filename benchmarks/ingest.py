@@ -254,7 +254,6 @@ def main() -> None:
             allow_hosts=["127.0.0.1"],
             download=DownloadConfig(rows_per_shard=64),  # several shards in flight: the plan streams
             filters=FilterConfig(clip_threshold=-1.0),  # random CLIP: keep every pair, do all the work
-            score=StageResources(batch_size=64),
             encode=StageResources(batch_size=64),
             torch_threads=args.threads,
             log_mlflow=False,

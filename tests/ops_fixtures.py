@@ -29,7 +29,6 @@ def tiny_ingest(workdir: str | Path, **update) -> IngestConfig:
         workdir=str(workdir),
         allow_hosts=["127.0.0.1"],
         filters=FilterConfig(clip_threshold=-1.0),
-        score=StageResources(batch_size=16, num_cpus=0.25),
         encode=StageResources(batch_size=16, num_cpus=0.25),
         torch_threads=1,
     ).model_copy(update=update)

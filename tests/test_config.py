@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -70,3 +71,14 @@ def test_override_syntax():
     assert parse_override("x=true") == ("x", True)
     with pytest.raises(ValueError, match="key.sub=value"):
         parse_override("novalue")
+
+
+def test_ingest_score_section_is_deprecated_and_ignored():
+    from ldm.config.ingest import IngestConfig
+
+    with pytest.warns(FutureWarning, match=r"`score:` is ignored .* `encode:`"):
+        cfg = IngestConfig.model_validate({"score": {"batch_size": 512, "num_gpus": 0.25}})
+    assert cfg.encode.batch_size == 64 and cfg.encode.num_gpus == 0.0  # encode: is untouched
+    for name in ("production-ingest", "sd15-ingest"):  # shipped configs no longer carry it
+        shipped = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+        assert "score" not in yaml.safe_load(shipped.read_text()), name

@@ -210,7 +210,6 @@ def hostile_config(root: Path, input_csv: Path, output: Path) -> IngestConfig:
         download=DownloadConfig(timeout_s=4, retries=0, rows_per_shard=ROWS_PER_SHARD, thread_count=8),
         # random CLIP: keep every score; twins have identical pixels, so identical embeddings
         filters=FilterConfig(clip_threshold=-1.0, near_duplicate_threshold=0.9999),
-        score=StageResources(batch_size=16),
         encode=StageResources(batch_size=16),
         torch_threads=1,
         num_cpus=2,

@@ -159,7 +159,6 @@ def test_ingest_end_to_end_accounts_for_every_row(ray_local, workdir, crawl, cap
         input=str(input_csv),
         allow_hosts=["127.0.0.1"],
         filters=FilterConfig(clip_threshold=-1.0),  # random CLIP: keep every pair (see module doc)
-        score=StageResources(batch_size=16),
         encode=StageResources(batch_size=16),
         rows_per_file=20,
         torch_threads=1,

@@ -103,7 +103,6 @@ def _config(models, input_uri: str, output, **update) -> IngestConfig:
         output=str(output),
         download=DownloadConfig(timeout_s=4, retries=0, rows_per_shard=4, thread_count=4),
         filters=FilterConfig(clip_threshold=-1.0),  # random CLIP: keep every score
-        score=StageResources(batch_size=8),
         encode=StageResources(batch_size=8),
         torch_threads=1,
         num_cpus=2,

@@ -108,7 +108,7 @@ def test_rerun_after_a_kill_in_pass_3_reuses_published_shards(ray_local, tmp_pat
             workdir=str(models.root), input=str(source), output=str(tmp_path / "out"), allow_hosts=["127.0.0.1"],
             download=DownloadConfig(timeout_s=4, retries=0, rows_per_shard=3, thread_count=4),
             filters=FilterConfig(clip_mode="top_fraction", clip_keep_fraction=0.8, near_duplicate_threshold=0.999),
-            score=StageResources(batch_size=4), encode=StageResources(batch_size=4), rows_per_file=2,
+            encode=StageResources(batch_size=4), rows_per_file=2,
             torch_threads=1, num_cpus=2, log_mlflow=False,
         )  # fmt: skip
         reference = run_ingest(cfg)

@@ -78,7 +78,6 @@ def test_ingest_from_s3_to_s3(ray_local, s3_endpoint, tmp_path, monkeypatch):
             text_encoder=f"s3://{bucket}/models",
             download=DownloadConfig(rows_per_shard=3, timeout_s=5),
             filters=FilterConfig(clip_mode="top_fraction", clip_keep_fraction=0.5),
-            score=StageResources(batch_size=8),
             encode=StageResources(batch_size=8),
             torch_threads=1,
         )

@@ -8,6 +8,7 @@ the job calls ``map_batches`` (`pipelines.ingest`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -106,8 +107,11 @@ class IngestConfig(ConfigBase):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     filter_batch_size: int = Field(256, ge=1)
-    score: StageResources = Field(default_factory=StageResources)
+    # The actor pool of the fused ScoreEncoder (CLIP score + autoencoder + text encoder in one actor).
     encode: StageResources = Field(default_factory=StageResources)
+    # Deprecated: scoring and encoding were two actor pools before the streaming plan fused them.
+    # Still accepted so that older configs load; ignored with a warning (``encode:`` sizes the pool).
+    score: StageResources | None = None
     rows_per_file: int = Field(5000, ge=1)  # rows per latents/ Parquet file
     # What latents/ holds for the caption: the text encoder's output and/or the tokenizer's ids.
     # At SD size the embedding (77 x 768 fp16) is ~4x the latent: keep only the ids there.
@@ -124,6 +128,17 @@ class IngestConfig(ConfigBase):
     ray_address: str | None = None
     log_mlflow: bool = True
     rejected_samples_per_reason: int = Field(8, ge=0)  # images per reason in the MLflow reject grids
+
+    @model_validator(mode="after")
+    def _score_is_deprecated(self) -> IngestConfig:
+        if self.score is not None:
+            warnings.warn(
+                "ingest config: `score:` is ignored since scoring and encoding run in one actor pool; "
+                "size it with `encode:` (batch_size, concurrency, num_gpus, num_cpus) and drop `score:`",
+                FutureWarning,  # shown by default: the reader is the user of the config
+                stacklevel=2,
+            )
+        return self
 
     @model_validator(mode="after")
     def _columns_differ(self) -> IngestConfig:
