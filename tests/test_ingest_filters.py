@@ -105,7 +105,7 @@ def test_ingest_config_round_trip(tmp_path):
     path = tmp_path / "ingest.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(IngestConfig, path) == cfg
-    assert load_config(IngestConfig, path, sets=["score.batch_size=8"]).score.batch_size == 8
+    assert load_config(IngestConfig, path, sets=["encode.batch_size=8"]).encode.batch_size == 8
     with pytest.raises(ValueError, match="clip_treshold"):
         load_config(IngestConfig, sets=["filters.clip_treshold=0.1"])
     assert cfg.output_uri == str(tmp_path.resolve() / "data")
@@ -174,7 +174,7 @@ def test_production_ingest_config_validates():
     arch, _, weights = cfg.clip_spec.removeprefix("open_clip:").partition("@")
     assert open_clip.get_model_config(arch) is not None and weights.startswith("s3://")
     assert cfg.filters.clip_threshold == 0.28 and cfg.filters.near_duplicate_threshold == 0.96
-    assert cfg.encode.num_gpus == 1 and cfg.score.num_gpus == 0.25
+    assert cfg.encode.num_gpus == 1 and cfg.score is None
     assert cfg.download.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
     assert (
         load_config(IngestConfig, path, sets=["filters.clip_mode=top_fraction"]).filters.clip_mode
