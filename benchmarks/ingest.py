@@ -20,7 +20,7 @@ img2dataset's own CLI (multiprocessing distributor, download only) run on the sa
 line is one JSON object (``steady_over_model_bound``, ``driver_rss_ratio_4n``, ``startup_s``,
 ``pipeline_over_naive``, ...). Usage:
 
-    .venv/bin/python benchmarks/ingest.py [--rows 512] [--threads 2]
+    .venv/bin/python benchmarks/ingest.py [--rows 512] [--threads 2] [--rows-per-shard 64]
 """
 
 from __future__ import annotations
@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512, help="N: the pipeline runs at N and 4N rows")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each model stage")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--rows-per-shard", type=int, default=64, help="download.rows_per_shard of the job")
     args = parser.parse_args()
 
     import ray
@@ -253,7 +254,7 @@ def main() -> None:
         cfg = IngestConfig(
             workdir=tmp,
             allow_hosts=["127.0.0.1"],
-            download=DownloadConfig(rows_per_shard=64),  # several shards in flight: the plan streams
+            download=DownloadConfig(rows_per_shard=args.rows_per_shard),  # several shards in flight
             filters=FilterConfig(clip_threshold=-1.0),  # random CLIP: keep every pair, do all the work
             encode=StageResources(batch_size=64),
             torch_threads=args.threads,
@@ -283,6 +284,7 @@ def main() -> None:
     result = {
         "rows": [n["rows"], m["rows"]],
         "cpus": os.cpu_count(),
+        "rows_per_shard": args.rows_per_shard,
         "pipeline_pairs_per_s": round(pipeline, 2),
         "steady_pairs_per_s": round(steady, 2),
         "naive_pairs_per_s": round(sequential, 2),
