@@ -34,8 +34,8 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --timeout 1200 --durations=25 -m "not nightly" $(PYTEST_FLAGS) tests
 
-## Every test, the `nightly` ones too (retrain cycles, notebooks, autoscaling, `ray job submit`,
-## fault tolerance, the SD chain on S3 (tests/test_sd_chain.py: SD 1.x full, SD 2.x full and LoRA,
+## Every test, the `nightly` ones too (retrain cycles, notebooks, autoscaling, `ray job submit` and
+## `serve deploy` against a token-protected head, the GPU benchmark script on CPU, fault tolerance, the SD chain on S3 (tests/test_sd_chain.py: SD 1.x full, SD 2.x full and LoRA,
 ## the SD retrain cycle; `make test` keeps its SD 1.x LoRA leg without the resume),
 ## `mlflow models serve`): about an hour on 2 cores.
 test-all: $(STAMP)

@@ -22,7 +22,7 @@ def _run(*args: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow
+@pytest.mark.nightly  # ~4 min of subprocesses: `make test-all` keeps the GPU script from rotting
 def test_train_gpu_script_end_to_end_on_cpu(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel

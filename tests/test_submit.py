@@ -226,7 +226,7 @@ def _serve(*args: str, token: str, timeout: float = 120) -> subprocess.Completed
     return _run([str(BIN / "serve"), *args], token=token, timeout=timeout)
 
 
-@pytest.mark.slow  # a Ray head and a Serve application: ~1-2 minutes on 2 busy cores
+@pytest.mark.nightly  # a Ray head and a Serve application: ~80 s (`make test-all`, as `ray job submit`)
 def test_serve_deploy_the_shipped_config_to_a_token_protected_head(ray_head, tmp_path):
     """Ray's own `serve deploy` / `serve status` / `serve shutdown` with the shipped config file,
     edited as docs/OPERATIONS.md tells an operator to (model, port, one replica), against the head."""
