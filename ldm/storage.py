@@ -58,6 +58,13 @@ def s3_env() -> dict[str, str]:
     return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
 
 
+def s3_ray_options() -> dict:
+    """Ray options giving a task or actor this process's S3 settings: ``{"runtime_env": ...}``, or
+    ``{}`` when there are none (so the caller's own runtime environment is left alone)."""
+    env = s3_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict = {

@@ -111,8 +111,7 @@ def _row_counts(files: list[str]) -> list[int]:
     if delimited and not ray.is_initialized():
         counts |= {f: _count_rows(f) for f in delimited}
     elif delimited:
-        options: dict = {"runtime_env": {"env_vars": storage.s3_env()}} if storage.s3_env() else {}
-        task = ray.remote(_count_rows).options(**options)
+        task = ray.remote(_count_rows).options(**storage.s3_ray_options())
         counts |= dict(zip(delimited, ray.get([task.remote(f) for f in delimited]), strict=True))
     return [counts[f] for f in files]
 

@@ -222,9 +222,8 @@ def publish_all(
         "num_cpus": 0.5,
         "max_retries": cfg.download.max_shard_attempts - 1,
         "retry_exceptions": True,
+        **storage.s3_ray_options(),
     }
-    if storage.s3_env():
-        options["runtime_env"] = {"env_vars": storage.s3_env()}
     task = ray.remote(publish_shard).options(**options)
     todo = [m for m in markers if m["shard"]["index"] not in summaries]
     samples: dict[str, list] = {}

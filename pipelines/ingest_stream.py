@@ -246,12 +246,6 @@ class Progress:
                 self.on_update(figures)
 
 
-def _worker_env() -> dict:
-    """``runtime_env`` for workers: the S3 settings, so they can read and write ``s3://``."""
-    env = storage.s3_env()
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
 def _plan(todo: list[Shard], cfg: IngestConfig, carried: pa.Schema):
     """The Ray Data plan of pass 1 over the shards in ``todo`` (lazy)."""
     import ray
@@ -272,7 +266,7 @@ def _plan(todo: list[Shard], cfg: IngestConfig, carried: pa.Schema):
             num_cpus=0.5,
             max_retries=cfg.download.max_shard_attempts - 1,
             retry_exceptions=True,
-            **_worker_env(),
+            **storage.s3_ray_options(),
         )
         .map_batches(
             ScoreEncoder,
@@ -289,14 +283,14 @@ def _plan(todo: list[Shard], cfg: IngestConfig, carried: pa.Schema):
             compute=ray.data.ActorPoolStrategy(size=cfg.encode.concurrency),
             num_gpus=cfg.encode.num_gpus,
             num_cpus=actor_cpus,
-            **_worker_env(),
+            **storage.s3_ray_options(),
         )
         .map_batches(
             write_model_rows,
             fn_kwargs={"output_uri": output},
             batch_size=None,
             num_cpus=0.25,
-            **_worker_env(),
+            **storage.s3_ray_options(),
         )  # fmt: skip
     )
 

@@ -81,11 +81,9 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
     options = generator_options(cfg)
     # Replicas do not see variables set in the driver after `ray.init`: an s3:// model needs this
-    # process's S3 settings (as the ingest actors get them, pipelines/ingest.py). Kept out of
-    # `generator_options`, which is written into serve config files: no credentials in a file.
-    env = storage.s3_env()
-    if env:
-        options["ray_actor_options"] = options["ray_actor_options"] | {"runtime_env": {"env_vars": env}}
+    # process's S3 settings (as the ingest tasks and actors get them, `ldm.storage.s3_ray_options`).
+    # Kept out of `generator_options`, which is written into serve config files: no credentials in a file.
+    options["ray_actor_options"] = options["ray_actor_options"] | storage.s3_ray_options()
     generator = GENERATOR.options(
         user_config={
             "model": _absolute_model_uri(cfg.model),
