@@ -39,7 +39,7 @@ LossWeighting = Literal["none", "min_snr"]
 
 # Stable Diffusion's schedule: "scaled_linear" betas (linear in sqrt(beta)) from 0.00085 to 0.012 over
 # 1000 steps. steps_offset=1, clip_sample=False and set_alpha_to_one=False are what the diffusers
-# pipelines expect; without them StableDiffusionPipeline rewrites the config with a warning (TRAPS.md).
+# pipelines expect; without them StableDiffusionPipeline rewrites the config with a warning (docs/TRAPS.md).
 SCHEDULE_SD_SCALED_LINEAR: dict[str, object] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

@@ -10,10 +10,12 @@ A pretrained Stable Diffusion folder is not described by ``UNetConfig``: its U-N
 config is the architecture (``ldm/sd_format.py``). ``UNetConfig`` can still state an SD 2.x-style
 architecture from scratch (per-block head counts, linear projections).
 
-Default (the CPU demo, TRAPS.md): for 16x16 latents the three blocks run at 16x16, 8x8 and 4x4; only
+Default (sized for the CPU, docs/TRAPS.md): for 16x16 latents the three blocks run at 16x16, 8x8 and 4x4; only
 the 8x8 block and the 4x4 mid block have cross-attention. Self-attention at 16x16 roughly doubles the
 step time, and the 4x4 block is where it would be cheapest but gains least. About 5.6M parameters,
-~1.1 steps/s at batch 64 on 2 cores.
+~1.1 steps/s at batch 64 on 2 cores. The demo itself trains a quarter-size U-Net, (32, 64, 64) with
+the pooled caption in the timestep embedding (``ldm/config/demo.py``): on 2 cores, more optimizer
+steps in its 7 minutes buy more than width (docs/TRAINING.md, turn 6).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class UNetConfig(ConfigBase):
     use_linear_projection: bool = False  # SD 2.x projects into the transformer blocks with Linear
     upcast_attention: bool = False  # SD 2.1 computes attention scores in float32
     norm_num_groups: int = 32
+    # "text": the text embedding, attention-pooled (diffusers' TextTimeEmbedding, as DeepFloyd IF and
+    # Imagen do), is added to the timestep embedding, so every ResNet block at every resolution is
+    # conditioned on the caption, not only the blocks with cross-attention.
+    addition_embed_type: Literal["text"] | None = None
+    addition_embed_type_num_heads: int = 8
 
     @model_validator(mode="after")
     def _consistent(self) -> UNetConfig:
@@ -79,6 +86,11 @@ def build_unet(
     downsamplings = len(cfg.block_out_channels) - 1
     if sample_size % (2**downsamplings):
         raise ValueError(f"latent size {sample_size} is not divisible by 2**{downsamplings} (U-Net depth)")
+    if cfg.addition_embed_type is not None and cross_attention_dim % cfg.addition_embed_type_num_heads:
+        raise ValueError(
+            f"addition_embed_type_num_heads={cfg.addition_embed_type_num_heads} does not divide the text "
+            f"embedding width {cross_attention_dim}"
+        )
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=in_channels,
@@ -93,4 +105,6 @@ def build_unet(
         upcast_attention=cfg.upcast_attention,
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
+        addition_embed_type=cfg.addition_embed_type,
+        addition_embed_type_num_heads=cfg.addition_embed_type_num_heads,
     )

@@ -24,7 +24,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 # Two logical CPUs per node: half for the training worker, the rest for Ray Data's read tasks,
-# which ask for a whole CPU each (with one CPU per node they would wait forever, TRAPS.md).
+# which ask for a whole CPU each (with one CPU per node they would wait forever, docs/TRAPS.md).
 node = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
 cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
 try:

@@ -102,6 +102,20 @@ def test_latents_facts_come_from_the_schema_and_a_missing_scaling_factor_raises(
         read_latents_facts(str(tmp_path / "nothing"))
 
 
+def test_parquet_bytes_sums_the_parquet_files_and_nothing_else(tmp_path):
+    from pipelines.train.data import parquet_bytes
+
+    work = write_tiny_workdir(tmp_path / "ok", rows=16)
+    latents = work.data / LATENTS_DIR
+    (latents / "nested").mkdir()
+    pq.write_table(pa.table({"x": list(range(1000))}), latents / "nested" / "more.parquet")
+    (latents / "notes.txt").write_text("not data" * 1000)
+    expected = sum(p.stat().st_size for p in latents.rglob("*.parquet"))
+    assert expected > 0
+    assert parquet_bytes(str(latents)) == expected
+    assert parquet_bytes(str(tmp_path / "nothing")) == 0
+
+
 def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ray_local, monkeypatch):
     """From a RELATIVE work directory (Ray Train gives workers another working directory), with
     system metrics sampled every 0.5 s while sample grids, checkpoints and metrics fall on the same
@@ -133,6 +147,7 @@ def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ra
 
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
     assert summary["steps"] == 6
+    assert summary["dataset_cached"] is True  # 32 rows: read once, the 6 steps cross an epoch on it
     checkpoint = Path(summary["checkpoint"])
     assert (checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 6
@@ -145,6 +160,7 @@ def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ra
     assert run.data.params["batch_size"] == "8"
     assert run.data.params["unet.block_out_channels"] == "[16, 32]"
     assert float(run.data.params["data.scaling_factor"]) == pytest.approx(SCALING_FACTOR)
+    assert run.data.params["dataset_cached"] == "True"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [2, 4, 6]
     assert all(math.isfinite(m.value) for m in losses)
@@ -203,8 +219,10 @@ def test_time_budget_stops_cleanly_and_a_rerun_resumes_from_the_checkpoint(tmp_p
         run_name="budget",
     )
     # A budget far below one step: both workers must agree to stop after the first step.
-    first = run_train(base.model_copy(update={"max_steps": 100, "max_minutes": 1e-6}))
+    # cache_max_mb=0: this test streams the data every epoch; the two-worker test reads it once.
+    first = run_train(base.model_copy(update={"max_steps": 100, "max_minutes": 1e-6, "cache_max_mb": 0}))
     assert first["steps"] == 1
+    assert first["dataset_cached"] is False
     # Same run name: Ray Train restores the last checkpoint (unet + optimizer + step) and goes on.
     second = run_train(base.model_copy(update={"max_steps": 3, "max_minutes": None}))
     assert second["steps"] == 3

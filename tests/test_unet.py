@@ -76,3 +76,36 @@ def test_default_unet_has_cross_attention_only_at_8x8_and_mid_for_16x16_latents(
 def test_build_unet_rejects_latents_that_do_not_divide():
     with pytest.raises(ValueError, match="not divisible"):
         build_unet(UNetConfig(), sample_size=10, in_channels=4, cross_attention_dim=32)
+
+
+def test_pooled_text_conditions_a_unet_without_any_cross_attention():
+    """`addition_embed_type: text` adds the attention-pooled caption to the timestep embedding, so even
+    a U-Net with no cross-attention block sees the text; without it such a U-Net ignores the text."""
+    plain = dict(
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_cross_attention=False,
+        norm_num_groups=8,
+    )
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    text_a, text_b = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    outputs = {}
+    for pooled in (None, "text"):
+        torch.manual_seed(0)
+        unet = build_unet(
+            UNetConfig(**plain, addition_embed_type=pooled, addition_embed_type_num_heads=4),
+            sample_size=8,
+            in_channels=4,
+            cross_attention_dim=32,
+        ).eval()
+        with torch.no_grad():
+            outputs[pooled] = [unet(latents, t, encoder_hidden_states=x).sample for x in (text_a, text_b)]
+    assert torch.equal(outputs[None][0], outputs[None][1])
+    assert (outputs["text"][0] - outputs["text"][1]).abs().mean() > 1e-3
+
+
+def test_pooled_text_heads_must_divide_the_text_width():
+    cfg = UNetConfig(addition_embed_type="text", addition_embed_type_num_heads=5)
+    with pytest.raises(ValueError, match="addition_embed_type_num_heads"):
+        build_unet(cfg, sample_size=16, in_channels=4, cross_attention_dim=128)

@@ -16,6 +16,7 @@ from ldm.config.ingest import IngestConfig
 from ldm.config.serve import ServeConfig
 from ldm.config.synth import SynthConfig
 from ldm.config.train import TrainConfig
+from ldm.unet import UNetConfig
 
 DEMO_PROMPTS = (
     "a red circle",
@@ -38,9 +39,19 @@ class DemoConfig(ConfigBase):
     synth: SynthConfig = SynthConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     ingest: IngestConfig = IngestConfig()
-    # Sized for the demo's time budget on 2 cores (~1.3 steps/s at batch 64 on a quiet machine): the
-    # cosine schedule spans max_steps, and max_minutes stops cleanly if the machine is slower than that.
-    train: TrainConfig = TrainConfig(max_steps=500, max_minutes=7.0)
+    # Sized for the demo's time budget on 2 cores: a U-Net a quarter the size of UNetConfig's default
+    # (1.5M parameters, ~2.7x the samples per second) at batch 32 takes ~4x the optimizer steps in the
+    # same 7 minutes at twice the learning rate, and the pooled caption feeds every ResNet block
+    # (`addition_embed_type: text`);
+    # docs/TRAINING.md, turn 6, has the measurements. The cosine schedule spans max_steps, and
+    # max_minutes stops cleanly if the machine is slower than that.
+    train: TrainConfig = TrainConfig(
+        unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
+        batch_size=32,
+        lr=1e-3,
+        max_steps=900,
+        max_minutes=7.0,
+    )
     eval: EvalConfig = EvalConfig(num_prompts=48)
     serve: ServeConfig = ServeConfig(model="models:/ldm@champion", port=0)
 

@@ -47,7 +47,7 @@ class ServeConfig(ConfigBase):
     batch_wait_timeout_s: float = Field(0.05, ge=0)
 
     # Model replicas: autoscaling between min and max on ongoing requests per replica. Ray's default
-    # delays (30 s up, 600 s down) are far too slow for a small service (TRAPS.md).
+    # delays (30 s up, 600 s down) are far too slow for a small service (docs/TRAPS.md).
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)

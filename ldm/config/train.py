@@ -2,7 +2,7 @@
 
 The architecture (``unet``) is kept apart from the run keys: the former must match when weights are
 loaded back, the latter may change between runs. The defaults are the CPU demo: two Ray Train workers
-of half a CPU each (the rest of the machine stays free for Ray Data, TRAPS.md), batch 64, and a time
+of half a CPU each (the rest of the machine stays free for Ray Data, docs/TRAPS.md), batch 64, and a time
 budget that ends training cleanly whatever ``max_steps`` says. The recipe keys (EMA, schedule,
 accumulation, precision) are the Stable Diffusion training recipe; docs/TRAINING.md explains each.
 """
@@ -68,6 +68,10 @@ class TrainConfig(ConfigBase):
 
     # Data: each worker streams its shard of latents/ with a row-level shuffle buffer.
     shuffle_buffer: int = Field(1024, ge=0)  # rows per worker; 0 reads in file order
+    # A dataset whose Parquet files total at most this many MB is read once into Ray's object store
+    # (`Dataset.materialize`) instead of once per epoch: small fine-tuning sets and the demo then skip
+    # a read and split at every epoch boundary (docs/TRAINING.md). 0: always stream.
+    cache_max_mb: float = Field(1024.0, ge=0)
 
     # Ray Train.
     num_workers: int = Field(2, ge=1)

@@ -127,6 +127,15 @@ def read_latents_facts(latents_uri: str) -> LatentsFacts:
     )
 
 
+def parquet_bytes(latents_uri: str) -> int:
+    """Total size of the Parquet files under ``latents_uri`` (local or ``s3://``), from one listing."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(latents_uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
 def ray_batches(
     shard: Any,
     cfg: TrainConfig,

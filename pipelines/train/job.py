@@ -33,7 +33,7 @@ from ldm.config.train import TrainConfig
 from ldm.contract import COL_LATENT, LATENTS_DIR, WorkDir, train_rows
 from ldm.sd_format import NoiseSchedule
 from pipelines.train.conditioning import TextConditioning, text_conditioning
-from pipelines.train.data import LatentsFacts, ray_batches, read_latents_facts
+from pipelines.train.data import LatentsFacts, parquet_bytes, ray_batches, read_latents_facts
 from pipelines.train.export import export_checkpoint, register
 from pipelines.train.hooks import fault_from_env, standard_hooks
 from pipelines.train.loop import LoopInputs, train_loop
@@ -93,7 +93,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, export and register; returns run id, model version, final loss, steps, export folder,
-    checkpoint, and each rank's node and weight fingerprint at the end (``replicas``)."""
+    checkpoint, each rank's node and weight fingerprint at the end (``replicas``), and whether the data
+    was read once into the object store (``dataset_cached``, see ``cache_max_mb``)."""
     import ray
 
     from ldm.runtime import ensure_ray
@@ -118,7 +119,16 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     ensure_ray(cfg.ray_address, cfg.num_cpus)
     tracking = DriverTracking(cfg.workdir)
     tracking.start(cfg, run_name, data_uri, facts)
-    tracking.log_params({"trainable_params": init.counts.trainable, "total_params": init.counts.total})
+    data_bytes = parquet_bytes(latents_uri)
+    cached = data_bytes <= cfg.cache_max_mb * 2**20
+    tracking.log_params(
+        {
+            "trainable_params": init.counts.trainable,
+            "total_params": init.counts.total,
+            "data_parquet_mb": round(data_bytes / 2**20, 1),
+            "dataset_cached": cached,
+        }
+    )
     args = WorkerArgs(
         cfg,
         facts,
@@ -131,7 +141,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         fault_from_env(),
     )
     try:
-        result = _fit(args, latents_uri, work, run_name)
+        result = _fit(args, latents_uri, cached, work, run_name)
     except BaseException:
         tracking.end("FAILED")
         raise
@@ -153,11 +163,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "checkpoint": result.checkpoint.path,
         "exported_weights": exported,
         "replicas": state.get("replicas", []),
+        "dataset_cached": cached,
     }
 
 
-def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> Any:
-    """Run the ``TorchTrainer``; returns its ``Result`` (with a checkpoint, or it raises)."""
+def _fit(args: WorkerArgs, latents_uri: str, cached: bool, work: WorkDir, run_name: str) -> Any:
+    """Run the ``TorchTrainer``; returns its ``Result`` (with a checkpoint, or it raises). ``cached``:
+    materialize the dataset in the object store once, rather than stream it every epoch."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -173,6 +185,10 @@ def _fit(args: WorkerArgs, latents_uri: str, work: WorkDir, run_name: str) -> An
         .map_batches(train_rows, batch_format="pyarrow")
         .select_columns([COL_LATENT, args.conditioning.column])
     )
+    if cached:
+        # Read once: without it every epoch re-runs the read, the split filter and a new streaming
+        # split, which on a busy small cluster stalls each epoch's first step for seconds.
+        dataset = dataset.materialize()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"args": args},
