@@ -47,6 +47,13 @@ def test_learning_rate_warms_up_linearly_then_follows_a_half_cosine_to_the_floor
     assert learning_rate(100, cfg) == pytest.approx(1e-4)  # past max_steps (a resumed longer run)
     constant = cfg.model_copy(update={"lr_schedule": "constant"})
     assert learning_rate(13, constant) == pytest.approx(1e-3)
+    # The time budget moves the cosine only when lr_horizon asks, and then as far as the further budget.
+    assert learning_rate(4, cfg, time_used=0.5) == pytest.approx(1e-3)
+    timed = cfg.model_copy(update={"lr_horizon": "steps_or_time"})
+    assert learning_rate(4, timed, time_used=0.5) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert learning_rate(4, timed, time_used=2.0) == pytest.approx(1e-4)
+    assert learning_rate(9, timed, time_used=0.1) == pytest.approx(1e-4 + 0.5 * 9e-4)  # steps further
+    assert learning_rate(1, timed, time_used=0.9) == pytest.approx(4e-4)  # warm-up counts steps only
 
 
 def test_ema_warms_up_and_updates_towards_the_weights():
@@ -158,12 +165,14 @@ def _tiny_loop_inputs(**update) -> tuple[LoopInputs, object]:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             norm_num_groups=8,
         ),
-        num_workers=1,
-        batch_size=4,
-        max_steps=4,
-        max_minutes=None,
-        warmup_steps=1,
-        **update,
+        **{
+            "num_workers": 1,
+            "batch_size": 4,
+            "max_steps": 4,
+            "max_minutes": None,
+            "warmup_steps": 1,
+            **update,
+        },
     )
     facts = LatentsFacts(scaling_factor=1.0, latent_shape=(4, 8, 8), text_embedding_shape=(16, 32))
     generator = torch.Generator().manual_seed(0)
@@ -187,6 +196,19 @@ def test_the_loop_runs_in_one_process_checkpoints_and_resumes_where_it_stopped(t
     resumed = train_loop(longer, batches, world, [NanGuard(), CheckpointReporter()])
     assert resumed.resumed_from == 4 and resumed.step == 6 and resumed.epoch == 2
     assert world.reports[-1]["step"] == 6
+
+
+@pytest.mark.parametrize(("horizon", "final_lr"), [("steps", 1e-3), ("steps_or_time", 1e-4)])
+def test_a_run_the_time_budget_stops_ends_on_the_decayed_rate_only_with_the_time_horizon(horizon, final_lr):
+    # A budget far below one step: the first step is the last. With lr_horizon "steps" it trained at
+    # the top of the cosine (99 of 100 steps were left); with "steps_or_time" at the floor.
+    inputs, batches = _tiny_loop_inputs(
+        max_steps=100, max_minutes=1e-6, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1, lr_horizon=horizon
+    )
+    state = train_loop(inputs, batches, LocalWorld(), [NanGuard()])
+    assert state.step == 1
+    assert state.lr == pytest.approx(final_lr)
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(final_lr)
 
 
 def test_the_nan_guard_names_the_step_before_the_weights_change():

@@ -52,7 +52,9 @@ class DemoConfig(ConfigBase):
         max_steps=900,
         max_minutes=7.0,
     )
-    eval: EvalConfig = EvalConfig(num_prompts=48)
+    # Issue 13 scores the demo on at least 96 held-out prompts (about 0.04 is one standard error of the
+    # overall score there; at 48 it is ~0.06); 48 seen prompts tell "cannot fit" from "cannot generalise".
+    eval: EvalConfig = EvalConfig(num_prompts=96, num_seen_prompts=48)
     serve: ServeConfig = ServeConfig(model="models:/ldm@champion", port=0)
 
     def with_workdir(self) -> DemoConfig:

@@ -55,6 +55,11 @@ class TrainConfig(ConfigBase):
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the cosine ends at min_lr_ratio * lr
+    # "steps": the cosine ends at max_steps. "steps_or_time": it ends at max_steps or at max_minutes,
+    # whichever comes first (progress = max(step / max_steps, elapsed / max_minutes), the ranks'
+    # mean clock), so a run that the time budget stops still ends on the decayed rate. A resumed
+    # run counts its minutes from its own start. The demo uses it: its machine's speed is unknown.
+    lr_horizon: Literal["steps", "steps_or_time"] = "steps"
     weight_decay: float = Field(1e-2, ge=0)
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)

@@ -165,12 +165,14 @@ def train_loop(
             # 2. Forward and backward over grad_accum_steps micro-batches; DDP all-reduces on the last.
             sums = forward_backward(model, stream, scheduler, generator, cfg, device)
 
-            # 3. All ranks agree on the loss and on stopping (DDP would hang if one rank left alone).
-            out_of_time = (
-                cfg.max_minutes is not None and time.monotonic() - state.started >= 60 * cfg.max_minutes
+            # 3. All ranks agree on the loss, on stopping (DDP would hang if one rank left alone) and on
+            #    the time spent (the mean of their clocks: lr_horizon "steps_or_time" must give every
+            #    rank the same learning rate, or their weights drift apart).
+            time_used = (
+                (time.monotonic() - state.started) / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
             )
-            flags = torch.tensor([float(out_of_time)], dtype=torch.float64, device=device)
-            totals = torch.cat([sums.loss.reshape(1), flags, sums.buckets])  # [2 + 2 * buckets]
+            flags = torch.tensor([float(time_used >= 1.0), time_used], dtype=torch.float64, device=device)
+            totals = torch.cat([sums.loss.reshape(1), flags, sums.buckets])  # [3 + 2 * buckets]
             world.all_reduce(totals)
             state.loss = totals[0].item() / world.size
 
@@ -180,7 +182,7 @@ def train_loop(
             ).item()
             for hook in hooks:
                 hook.on_gradients(state)
-            state.lr = learning_rate(state.step, cfg)
+            state.lr = learning_rate(state.step, cfg, time_used=totals[2].item() / world.size)
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
             optimizer.step()
@@ -193,7 +195,7 @@ def train_loop(
             # 6. Advance; the hooks log, sample, checkpoint.
             state.step, state.epoch, state.data_wait = state.step + 1, sums.epoch, sums.data_wait
             state.stop = state.step >= cfg.max_steps or totals[1].item() > 0
-            window.add(state.loss, sums.data_wait, *totals[2:].cpu().chunk(2))
+            window.add(state.loss, sums.data_wait, *totals[3:].cpu().chunk(2))
             for hook in hooks:
                 hook.on_step_end(state)
     finally:

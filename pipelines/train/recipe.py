@@ -10,15 +10,22 @@ import torch
 from ldm.config.train import TrainConfig
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
+def learning_rate(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``, then
     constant or a half cosine from ``lr`` down to ``min_lr_ratio * lr`` at ``max_steps``
-    (Loshchilov & Hutter 2017, "SGDR", eq. 5, without restarts)."""
+    (Loshchilov & Hutter 2017, "SGDR", eq. 5, without restarts).
+
+    ``time_used`` is the fraction of ``max_minutes`` spent; with ``lr_horizon: steps_or_time`` the
+    cosine is as far along as the further of the two budgets, so it reaches the floor when either ends.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_horizon == "steps_or_time":
+        progress = max(progress, time_used)
+    progress = min(1.0, progress)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
