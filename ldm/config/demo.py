@@ -40,17 +40,18 @@ class DemoConfig(ConfigBase):
     bootstrap: BootstrapConfig = BootstrapConfig()
     ingest: IngestConfig = IngestConfig()
     # Sized for the demo's time budget on 2 cores: a U-Net a quarter the size of UNetConfig's default
-    # (1.5M parameters, ~2.7x the samples per second) at batch 32 takes ~4x the optimizer steps in the
-    # same 7 minutes at twice the learning rate, and the pooled caption feeds every ResNet block
-    # (`addition_embed_type: text`);
-    # docs/TRAINING.md, turn 6, has the measurements. The cosine schedule spans max_steps, and
-    # max_minutes stops cleanly if the machine is slower than that.
+    # (1.5M parameters, ~2.7x the samples per second) at batch 32, lr 2e-3, with the pooled caption
+    # feeding every ResNet block (`addition_embed_type: text`). docs/TRAINING.md, turns 6 and 7, has the
+    # measurements (0.21 at lr 1e-3 x 2,700 steps; 0.35 at 2e-3 and 0.26 at 4e-3 x 2,400). 2,000 steps take ~5.5
+    # minutes at ~200 samples/s; on a slower machine max_minutes stops it, and lr_horizon
+    # "steps_or_time" ends the cosine there too instead of cutting it short.
     train: TrainConfig = TrainConfig(
         unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
         batch_size=32,
-        lr=1e-3,
-        max_steps=900,
-        max_minutes=7.0,
+        lr=2e-3,
+        max_steps=2000,
+        max_minutes=6.0,
+        lr_horizon="steps_or_time",
     )
     # Issue 13 scores the demo on at least 96 held-out prompts (about 0.04 is one standard error of the
     # overall score there; at 48 it is ~0.06); 48 seen prompts tell "cannot fit" from "cannot generalise".
