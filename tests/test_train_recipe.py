@@ -33,6 +33,7 @@ from pipelines.train import (
     train_loop,
     update_ema,
 )
+from pipelines.train.checkpoint import read_checkpoint_state
 from pipelines.train.hooks import CheckpointReporter, progress_line
 from pipelines.train.monitor import TrackingCalls
 
@@ -199,16 +200,22 @@ def test_the_loop_runs_in_one_process_checkpoints_and_resumes_where_it_stopped(t
 
 
 @pytest.mark.parametrize(("horizon", "final_lr"), [("steps", 1e-3), ("steps_or_time", 1e-4)])
-def test_a_run_the_time_budget_stops_ends_on_the_decayed_rate_only_with_the_time_horizon(horizon, final_lr):
+def test_a_run_the_time_budget_stops_ends_on_the_decayed_rate_only_with_the_time_horizon(
+    horizon, final_lr, tmp_path
+):
     # A budget far below one step: the first step is the last. With lr_horizon "steps" it trained at
     # the top of the cosine (99 of 100 steps were left); with "steps_or_time" at the floor.
     inputs, batches = _tiny_loop_inputs(
         max_steps=100, max_minutes=1e-6, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1, lr_horizon=horizon
     )
-    state = train_loop(inputs, batches, LocalWorld(), [NanGuard()])
+    world = LocalWorld(checkpoint_dir=tmp_path / "ckpt")
+    state = train_loop(inputs, batches, world, [NanGuard(), CheckpointReporter()])
     assert state.step == 1
     assert state.lr == pytest.approx(final_lr)
     assert state.optimizer.param_groups[0]["lr"] == pytest.approx(final_lr)
+    # The final checkpoint records the rate the step took, not one recomputed from the step alone.
+    (folder,) = (tmp_path / "ckpt").iterdir()
+    assert read_checkpoint_state(folder)["lr"] == pytest.approx(final_lr)
 
 
 def test_the_nan_guard_names_the_step_before_the_weights_change():

@@ -65,9 +65,10 @@ def save_checkpoint(
     }
     save_file(tensors, str(folder / OPTIMIZER_WEIGHTS))
     (folder / OPTIMIZER_META).write_text(json.dumps({"param_groups": state["param_groups"]}))
-    (folder / STATE_FILE).write_text(
-        json.dumps({"step": step, "epoch": epoch, "lr": learning_rate(max(step - 1, 0), cfg), **metrics})
-    )
+    # The rate the last step took, as the loop set it (with lr_horizon "steps_or_time" it depends on
+    # the clock too, so it cannot be recomputed from the step alone).
+    last_lr = state["param_groups"][0]["lr"] if step else learning_rate(0, cfg)
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "epoch": epoch, "lr": last_lr, **metrics}))
     (folder / CONFIG_FILE).write_text(cfg.to_yaml())
 
 
