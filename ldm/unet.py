@@ -15,7 +15,7 @@ the 8x8 block and the 4x4 mid block have cross-attention. Self-attention at 16x1
 step time, and the 4x4 block is where it would be cheapest but gains least. About 5.6M parameters,
 ~1.1 steps/s at batch 64 on 2 cores. The demo itself trains a quarter-size U-Net, (32, 64, 64) with
 the pooled caption in the timestep embedding (``ldm/config/demo.py``): on 2 cores, more optimizer
-steps in its 7 minutes buy more than width (docs/TRAINING.md, turn 6).
+steps in its few minutes buy more than width (docs/TRAINING.md, turns 6 and 7).
 """
 
 from __future__ import annotations
