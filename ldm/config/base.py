@@ -84,7 +84,37 @@ def load_config(
     for item in sets or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
-    return cls.model_validate(tree)
+    return cls.model_validate(_onto_section_defaults(cls, tree))
+
+
+def _onto_section_defaults(cls: type[ConfigBase], tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with each nested section merged onto the values its field's default sets.
+
+    A job config may give a section a default of its own: `DemoConfig.train` is a small U-Net at lr
+    2e-3, not `TrainConfig()`. Pydantic builds a section that the tree mentions from the section's
+    *class* defaults, so without this merge ``--set train.max_steps=3000`` (or a YAML file with a
+    partial ``train:``) would silently drop every value the job's default sets and train the default
+    U-Net. Only the values the default instance sets explicitly are merged (``exclude_unset``); keys
+    in ``tree`` win, and sections nested deeper get the same treatment.
+    """
+    merged = dict(tree)
+    for name, field in cls.model_fields.items():
+        given = tree.get(name)
+        section = field.annotation
+        if not isinstance(given, dict) or not (isinstance(section, type) and issubclass(section, ConfigBase)):
+            continue
+        default = field.get_default(call_default_factory=True)
+        base = default.model_dump(mode="json", exclude_unset=True) if isinstance(default, section) else {}
+        merged[name] = _deep_merge(base, _onto_section_defaults(section, given))
+    return merged
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        out[key] = _deep_merge(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return out
 
 
 def dump_config(config: ConfigBase, path: str | Path) -> Path:
