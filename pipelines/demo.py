@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from ldm.config.demo import DemoConfig
 from ldm.config.serve import ServeConfig
+from ldm.config.train import TrainConfig
 from ldm.contract import Manifest, WorkDir
 
 T = TypeVar("T")
@@ -42,6 +43,23 @@ class StageClock:
         self.times[name] = time.perf_counter() - start
         print(f"=== {name}: done in {self.times[name]:.0f} s ===", flush=True)
         return result
+
+
+def fit_training_to_budget(train: TrainConfig, cfg: DemoConfig, elapsed_s: float) -> TrainConfig:
+    """``train`` with ``max_minutes`` cut to what the demo's ``budget_minutes`` leaves after ``elapsed_s``.
+
+    The stages before training take 7 to 12 minutes depending on the machine (docs/TRAINING.md, turn
+    8), and optimizer steps are what the U-Net's score buys (turns 6-7). A fixed cap either wastes a
+    fast machine's minutes or runs a slow one past 20; the budget gives training whatever is left,
+    less ``after_train_minutes`` for export, eval and serve, never less than ``min_train_minutes``,
+    and never more than ``train.max_minutes``. With ``lr_horizon: steps_or_time`` the cosine still
+    ends at its floor when the minutes end first.
+    """
+    if cfg.budget_minutes is None:
+        return train
+    left = cfg.budget_minutes - elapsed_s / 60.0 - cfg.after_train_minutes
+    minutes = min(train.max_minutes, max(cfg.min_train_minutes, left))
+    return train.model_copy(update={"max_minutes": round(minutes, 2)})
 
 
 def _call_endpoint(base_url: str, prompts: list[str], cfg: DemoConfig) -> list:
@@ -100,6 +118,7 @@ def run_demo(cfg: DemoConfig, start_server: StartServer, stop_server: StopServer
     work.root.mkdir(parents=True, exist_ok=True)
     sub = cfg.with_workdir()  # every sub-config pointed at the same work directory
     tracking.configure(cfg.workdir)
+    started = time.perf_counter()
     ensure_ray(cfg.ray_address, cfg.num_cpus)
     clock = StageClock(total=7)
     summary: dict[str, Any] = {"workdir": str(work.root)}
@@ -116,7 +135,16 @@ def run_demo(cfg: DemoConfig, start_server: StartServer, stop_server: StopServer
         manifest = clock.run("ingest: download, filter, score, encode", lambda: run_ingest(ingest_cfg))
         summary["ingest"] = manifest.model_dump(mode="json")
 
-    summary["train"] = train = clock.run("train: U-Net on Ray Train", lambda: run_train(sub.train))
+    train_cfg = fit_training_to_budget(sub.train, cfg, elapsed_s=time.perf_counter() - started)
+    summary["train_max_minutes"] = train_cfg.max_minutes
+    print(
+        f"train: {train_cfg.max_minutes:.1f} min of the demo's {cfg.budget_minutes} min budget are left for "
+        f"training (up to {train_cfg.max_steps} steps)"
+        if cfg.budget_minutes is not None
+        else f"train: up to {train_cfg.max_minutes:.1f} min, {train_cfg.max_steps} steps (no demo budget)",
+        flush=True,
+    )
+    summary["train"] = train = clock.run("train: U-Net on Ray Train", lambda: run_train(train_cfg))
     version = str(train["model_version"])
 
     def evaluate() -> dict[str, Any]:

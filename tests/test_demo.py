@@ -30,8 +30,22 @@ SMALL = {
     },
     "ingest": {"filters": {"clip_threshold": -1.0}},
     "train": {"max_steps": 6, "batch_size": 16, "checkpoint_every": 3, "sample_every": 3, "sample_steps": 2},
-    "eval": {"num_prompts": 6, "num_inference_steps": 2},
+    "eval": {"num_prompts": 6, "num_seen_prompts": 6, "num_inference_steps": 2},
 }
+
+
+def test_training_gets_what_the_budget_leaves():
+    from ldm.config.demo import DemoConfig
+    from pipelines.demo import fit_training_to_budget
+
+    cfg = DemoConfig(budget_minutes=19.0, after_train_minutes=2.0, min_train_minutes=1.0)
+    train = cfg.train.model_copy(update={"max_minutes": 12.0})
+    assert fit_training_to_budget(train, cfg, elapsed_s=8 * 60).max_minutes == 9.0  # a fast machine
+    assert fit_training_to_budget(train, cfg, elapsed_s=12.5 * 60).max_minutes == 4.5  # a slow one
+    assert fit_training_to_budget(train, cfg, elapsed_s=30 * 60).max_minutes == 1.0  # over budget: the floor
+    assert fit_training_to_budget(train, cfg, elapsed_s=60).max_minutes == 12.0  # never above the cap
+    unbudgeted = cfg.model_copy(update={"budget_minutes": None})
+    assert fit_training_to_budget(train, unbudgeted, elapsed_s=30 * 60) is train
 
 
 @pytest.mark.slow
@@ -76,6 +90,9 @@ def test_demo_end_to_end_small(tmp_path):
     assert str(client.get_model_version_by_alias("ldm", "champion").version) == version
     assert str(client.get_model_version_by_alias("ldm", "candidate").version) == version
     assert set(summary["eval"]["scores"]) >= {"overall"}
+    from ldm.config.demo import DemoConfig
+
+    assert DemoConfig().min_train_minutes <= summary["train_max_minutes"] <= DemoConfig().train.max_minutes  # the budget's cut, or the cap
     assert 0.0 <= summary["eval"]["ceiling"]["overall"] <= 1.0
 
     from PIL import Image
