@@ -48,17 +48,18 @@ class StageClock:
 def fit_training_to_budget(train: TrainConfig, cfg: DemoConfig, elapsed_s: float) -> TrainConfig:
     """``train`` with ``max_minutes`` cut to what the demo's ``budget_minutes`` leaves after ``elapsed_s``.
 
-    The stages before training take 7 to 12 minutes depending on the machine (docs/TRAINING.md, turn
+    The stages before training take 11 to 16 minutes depending on the machine (docs/TRAINING.md, turn
     8), and optimizer steps are what the U-Net's score buys (turns 6-7). A fixed cap either wastes a
     fast machine's minutes or runs a slow one past 20; the budget gives training whatever is left,
     less ``after_train_minutes`` for export, eval and serve, never less than ``min_train_minutes``,
-    and never more than ``train.max_minutes``. With ``lr_horizon: steps_or_time`` the cosine still
+    and never more than ``train.max_minutes`` (when set). With ``lr_horizon: steps_or_time`` the cosine still
     ends at its floor when the minutes end first.
     """
     if cfg.budget_minutes is None:
         return train
     left = cfg.budget_minutes - elapsed_s / 60.0 - cfg.after_train_minutes
-    minutes = min(train.max_minutes, max(cfg.min_train_minutes, left))
+    cap = train.max_minutes if train.max_minutes is not None else float("inf")
+    minutes = min(cap, max(cfg.min_train_minutes, left))
     return train.model_copy(update={"max_minutes": round(minutes, 2)})
 
 
