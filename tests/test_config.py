@@ -74,14 +74,14 @@ def test_a_partial_section_keeps_the_jobs_own_section_defaults(tmp_path):
     demo = DemoConfig()
     assert demo.train.unet != TrainConfig().unet and demo.train.lr != TrainConfig().lr  # the premise
     path = tmp_path / "demo.yaml"
-    path.write_text("train:\n  max_minutes: 9\neval:\n  guidance_scale: 7\n")
-    sets = ["train.max_steps=3000", "train.unet.layers_per_block=2", "serve.max_replicas=3"]
+    path.write_text("train:\n  max_minutes: 7.5\neval:\n  guidance_scale: 7\n")
+    sets = ["train.max_steps=1234", "train.unet.layers_per_block=2", "serve.max_replicas=3"]
     cfg = load_config(DemoConfig, path, sets=sets)
-    assert (cfg.train.max_steps, cfg.train.max_minutes, cfg.eval.guidance_scale) == (3000, 9, 7)
+    assert (cfg.train.max_steps, cfg.train.max_minutes, cfg.eval.guidance_scale) == (1234, 7.5, 7)
     assert cfg.train.unet.layers_per_block == 2
     assert cfg.train.unet.block_out_channels == demo.train.unet.block_out_channels  # a deeper section too
-    assert cfg.train.model_copy(update={"max_steps": 2000, "max_minutes": 6.0}) == demo.train.model_copy(
-        update={"unet": cfg.train.unet}
+    assert cfg.train == demo.train.model_copy(
+        update={"max_steps": 1234, "max_minutes": 7.5, "unet": cfg.train.unet}
     )
     assert (cfg.eval.num_prompts, cfg.eval.num_seen_prompts) == (
         demo.eval.num_prompts,
