@@ -92,7 +92,9 @@ def test_demo_end_to_end_small(tmp_path):
     assert set(summary["eval"]["scores"]) >= {"overall"}
     from ldm.config.demo import DemoConfig
 
-    assert DemoConfig().min_train_minutes <= summary["train_max_minutes"] <= DemoConfig().train.max_minutes  # the budget's cut, or the cap
+    assert (
+        DemoConfig().min_train_minutes <= summary["train_max_minutes"] <= DemoConfig().train.max_minutes
+    )  # the budget's cut, or the cap
     assert 0.0 <= summary["eval"]["ceiling"]["overall"] <= 1.0
 
     from PIL import Image
