@@ -52,8 +52,8 @@ def fit_training_to_budget(train: TrainConfig, cfg: DemoConfig, elapsed_s: float
     8), and optimizer steps are what the U-Net's score buys (turns 6-7). A fixed cap either wastes a
     fast machine's minutes or runs a slow one past 20; the budget gives training whatever is left,
     less ``after_train_minutes`` for export, eval and serve, never less than ``min_train_minutes``,
-    and never more than ``train.max_minutes`` (when set). With ``lr_horizon: steps_or_time`` the cosine still
-    ends at its floor when the minutes end first.
+    and never more than ``train.max_minutes`` (when set). With ``lr_horizon: steps_or_time`` the
+    cosine still ends at its floor when the minutes end first.
     """
     if cfg.budget_minutes is None:
         return train
@@ -138,13 +138,12 @@ def run_demo(cfg: DemoConfig, start_server: StartServer, stop_server: StopServer
 
     train_cfg = fit_training_to_budget(sub.train, cfg, elapsed_s=time.perf_counter() - started)
     summary["train_max_minutes"] = train_cfg.max_minutes
-    print(
-        f"train: {train_cfg.max_minutes:.1f} min of the demo's {cfg.budget_minutes} min budget are left for "
-        f"training (up to {train_cfg.max_steps} steps)"
-        if cfg.budget_minutes is not None
-        else f"train: up to {train_cfg.max_minutes:.1f} min, {train_cfg.max_steps} steps (no demo budget)",
-        flush=True,
-    )
+    if cfg.budget_minutes is not None:
+        print(
+            f"train: {train_cfg.max_minutes} min of the demo's {cfg.budget_minutes} min budget are left for "
+            f"training (up to {train_cfg.max_steps} steps)",
+            flush=True,
+        )
     summary["train"] = train = clock.run("train: U-Net on Ray Train", lambda: run_train(train_cfg))
     version = str(train["model_version"])
 
