@@ -307,3 +307,16 @@ def test_hard_negatives_are_false_of_their_scenes_and_one_attribute_away():
     assert "a red circle to the right of a blue square" in hard_negatives(
         "a red circle to the left of a blue square"
     )
+
+
+def test_every_caption_of_the_grammar_fits_the_bootstrap_clips_context():
+    """The bootstrap CLIP's context is sized to the grammar (ldm/config/bootstrap.py): a caption cut at
+    the context would lose its end token, and the CLIP would pool a word instead of the caption."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from ldm.config.bootstrap import ClipConfig
+
+    captions = sorted({caption for pool in all_captions().values() for caption in pool})
+    tokens = SimpleTokenizer(context_length=77)(captions)
+    longest = int((tokens != 0).sum(1).max())  # with the start and end tokens; 0 pads
+    assert 8 <= longest <= ClipConfig().context_length, longest

@@ -59,8 +59,8 @@ class DemoConfig(ConfigBase):
         unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
         batch_size=32,
         lr=2e-3,
-        max_steps=3000,
-        max_minutes=9.0,
+        max_steps=4000,
+        max_minutes=10.0,
         lr_horizon="steps_or_time",
     )
     # Issue 13 scores the demo on at least 96 held-out prompts (about 0.04 is one standard error of the
