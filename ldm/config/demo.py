@@ -53,8 +53,9 @@ class DemoConfig(ConfigBase):
     # measurements (0.21 at lr 1e-3 x 2,700 steps; 0.35 at 2e-3 and 0.26 at 4e-3 x 2,400; 0.48 at 2e-3
     # x 4,800). Steps are what the score buys, so training runs until max_steps or until the demo's
     # budget_minutes run out (above; max_minutes is only the ceiling), whichever comes first, and
-    # lr_horizon "steps_or_time" ends the cosine at its floor either way. On the machine of turn 7
-    # (~190 samples/s) the budget leaves ~6 minutes, ~2,100 steps.
+    # lr_horizon "steps_or_time" ends the cosine at its floor either way. On a 2-core machine without
+    # AVX-512 (turn 9: ~120 samples/s) the budget leaves the 4-minute floor, ~870 steps; the cap of 10
+    # minutes and 4,000 steps is for machines fast enough to get there within the budget.
     train: TrainConfig = TrainConfig(
         unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
         batch_size=32,
