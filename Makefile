@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-## The whole pipeline end to end on the embedded default (no GPU, no hub, about 19 minutes on 2 cores).
+## The whole pipeline end to end on the embedded default (no GPU, no hub, about 19-22 minutes on 2 cores).
 demo: $(STAMP)
 	$(BIN)/ldm demo --workdir $(WORKDIR)
 

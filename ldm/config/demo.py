@@ -54,7 +54,7 @@ class DemoConfig(ConfigBase):
     # x 4,800). Steps are what the score buys, so training runs until max_steps or until the demo's
     # budget_minutes run out (above; max_minutes is only the ceiling), whichever comes first, and
     # lr_horizon "steps_or_time" ends the cosine at its floor either way. On a 2-core machine without
-    # AVX-512 (turn 9: ~120 samples/s) the budget leaves the 4-minute floor, ~870 steps; the cap of 10
+    # AVX-512 (turn 9: ~125 samples/s) the budget leaves the 4-minute floor, ~820 steps; the cap of 10
     # minutes and 4,000 steps is for machines fast enough to get there within the budget.
     train: TrainConfig = TrainConfig(
         unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
