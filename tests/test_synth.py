@@ -310,8 +310,8 @@ def test_hard_negatives_are_false_of_their_scenes_and_one_attribute_away():
 
 
 def test_every_caption_of_the_grammar_fits_the_bootstrap_clips_context():
-    """The bootstrap CLIP's context is sized to the grammar (ldm/config/bootstrap.py): a caption cut at
-    the context would lose its end token, and the CLIP would pool a word instead of the caption."""
+    """The bootstrap CLIP's context holds every caption of the grammar (ldm/config/bootstrap.py): a
+    longer caption would be cut, and the U-Net would never read its last words."""
     from open_clip.tokenizer import SimpleTokenizer
 
     from ldm.config.bootstrap import ClipConfig
