@@ -57,8 +57,8 @@ class DemoConfig(ConfigBase):
     # AVX-512 (turn 9: ~125 samples/s) the budget leaves the 4-minute floor, ~820 steps; the cap of 10
     # minutes and 4,000 steps is for machines fast enough to get there within the budget.
     # snr_gamma 1 instead of Min-SNR's usual 5 moves the loss's weight to the noisier half of the
-    # schedule (t above ~350), where shape, count and layout are decided: at 1,600 steps it scored 0.24
-    # held-out (288 prompts) against 0.17 at 5, seen 0.27 against 0.17 (docs/TRAINING.md, turn 10).
+    # schedule (t above ~350), where shape, count and layout are decided: at 1,600 steps it scored 0.20-0.24
+    # held-out (288 prompts) against 0.17 at 5 over two seeds each (docs/TRAINING.md, turn 10).
     train: TrainConfig = TrainConfig(
         unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
         snr_gamma=1.0,
