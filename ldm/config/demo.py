@@ -56,9 +56,10 @@ class DemoConfig(ConfigBase):
     # lr_horizon "steps_or_time" ends the cosine at its floor either way. On a 2-core machine without
     # AVX-512 (turn 9: ~125 samples/s) the budget leaves the 4-minute floor, ~820 steps; the cap of 10
     # minutes and 4,000 steps is for machines fast enough to get there within the budget.
-    # snr_gamma 1 instead of Min-SNR's usual 5 moves the loss's weight to the noisier half of the
-    # schedule (t above ~350), where shape, count and layout are decided: at 1,600 steps it scored 0.20-0.24
-    # held-out (288 prompts) against 0.17 at 5 over two seeds each (docs/TRAINING.md, turn 10).
+    # snr_gamma 1 instead of Min-SNR's usual 5 caps the weight of the nearly clean steps (t below ~350)
+    # harder, so the loss leans on the noisy part of the schedule, where shape, count and layout are
+    # likely decided. At 1,600 steps it scored 0.20-0.24 held-out (288 prompts) against 0.17 at 5, two
+    # seeds each (docs/TRAINING.md, turn 10).
     train: TrainConfig = TrainConfig(
         unet=UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16, addition_embed_type="text"),
         snr_gamma=1.0,
