@@ -18,6 +18,14 @@ and the per-sample squared error may be re-weighted (``LossWeighting``):
   is ``min(SNR, gamma)``; expressed on the epsilon loss that is ``min(SNR, gamma) / SNR`` and on the v
   loss ``min(SNR, gamma) / (SNR + 1)``.
 
+Which timesteps a batch trains on (``TimestepSampling``):
+
+- ``"uniform"``: t uniform over the schedule (Ho et al. 2020).
+- ``"logit_normal"``: t / T = sigmoid(n), n ~ N(mean, std) (Esser et al. 2024, "Scaling Rectified Flow
+  Transformers", sec. 3.1, Stable Diffusion 3). More of each batch lands in the middle of the schedule
+  (mean 0) or, with mean > 0, at high noise. The weights above are not divided by the sampling density:
+  like SD3, the sampling is part of the objective, not only a variance reduction.
+
 The schedule is diffusers' ``DDPMScheduler`` (its ``add_noise`` and ``get_velocity`` implement the two
 equations above), so the exported pipeline samples with exactly the schedule that training used.
 The named schedule below never changes once shipped: a new schedule gets a new name.
@@ -36,6 +44,7 @@ if TYPE_CHECKING:  # imported lazily below: configs import the Literal types wit
 
 PredictionType = Literal["epsilon", "v_prediction"]
 LossWeighting = Literal["none", "min_snr"]
+TimestepSampling = Literal["uniform", "logit_normal"]
 
 # Stable Diffusion's schedule: "scaled_linear" betas (linear in sqrt(beta)) from 0.00085 to 0.012 over
 # 1000 steps. steps_offset=1, clip_sample=False and set_alpha_to_one=False are what the diffusers
@@ -96,6 +105,32 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: Prediction
     return clipped / (snr + 1.0)
 
 
+def check_timestep_sampling(value: str) -> TimestepSampling:
+    if value not in get_args(TimestepSampling):
+        raise ValueError(f"unknown timestep_sampling {value!r}; expected one of {get_args(TimestepSampling)}")
+    return value  # type: ignore[return-value]
+
+
+def sample_timesteps(
+    batch: int,
+    num_train_timesteps: int,
+    *,
+    sampling: TimestepSampling = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """[batch] long timesteps in [0, num_train_timesteps), drawn as ``sampling`` says (module docstring)."""
+    if check_timestep_sampling(sampling) == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device).long()
+    if logit_std <= 0:
+        raise ValueError(f"timestep_logit_std must be > 0, got {logit_std}")
+    normal = torch.randn((batch,), generator=generator, device=device)
+    fraction = torch.sigmoid(logit_mean + logit_std * normal)  # in (0, 1)
+    return (fraction * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 def training_target(
     scheduler: DDPMScheduler,
     latents: torch.Tensor,
@@ -131,6 +166,9 @@ def training_loss_terms(
     loss_weighting: LossWeighting = "none",
     snr_gamma: float = 5.0,
     noise_offset: float = 0.0,
+    timestep_sampling: TimestepSampling = "uniform",
+    timestep_logit_mean: float = 0.0,
+    timestep_logit_std: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> LossTerms:
     """One Monte-Carlo estimate of the diffusion loss for a batch, kept per sample.
@@ -150,9 +188,15 @@ def training_loss_terms(
     if noise_offset:
         offset = torch.randn((batch, channels, 1, 1), generator=generator, device=device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device
-    ).long()
+    timesteps = sample_timesteps(
+        batch,
+        scheduler.config.num_train_timesteps,
+        sampling=timestep_sampling,
+        logit_mean=timestep_logit_mean,
+        logit_std=timestep_logit_std,
+        generator=generator,
+        device=device,
+    )
 
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # x_t, Ho et al. eq. 4
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
@@ -177,6 +221,9 @@ def training_loss(
     loss_weighting: LossWeighting = "none",
     snr_gamma: float = 5.0,
     noise_offset: float = 0.0,
+    timestep_sampling: TimestepSampling = "uniform",
+    timestep_logit_mean: float = 0.0,
+    timestep_logit_std: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The batch mean of ``training_loss_terms``: a scalar tensor with gradients."""
@@ -189,6 +236,9 @@ def training_loss(
         loss_weighting=loss_weighting,
         snr_gamma=snr_gamma,
         noise_offset=noise_offset,
+        timestep_sampling=timestep_sampling,
+        timestep_logit_mean=timestep_logit_mean,
+        timestep_logit_std=timestep_logit_std,
         generator=generator,
     ).loss
 

@@ -10,8 +10,10 @@ import torch
 from ldm.diffusion import (
     make_noise_scheduler,
     min_snr_weights,
+    sample_timesteps,
     signal_to_noise_ratio,
     training_loss,
+    training_loss_terms,
     training_target,
 )
 
@@ -141,6 +143,43 @@ def test_training_loss_is_reproducible_and_has_gradients():
     assert unet.conv_out.weight.grad is not None and unet.conv_out.weight.grad.abs().sum() > 0
 
 
+def test_logit_normal_sampling_moves_the_timesteps_where_its_mean_says():
+    def draw(**options) -> torch.Tensor:
+        return sample_timesteps(20_000, 1000, generator=torch.Generator().manual_seed(0), **options)
+
+    uniform = draw()
+    assert uniform.dtype == torch.long and 0 <= uniform.min() and uniform.max() <= 999
+    assert 0.45 < (uniform >= 500).float().mean() < 0.55
+    assert 0.08 < (uniform < 100).float().mean() < 0.12
+    centred = draw(sampling="logit_normal")
+    assert 0.45 < (centred >= 500).float().mean() < 0.55
+    assert (centred < 100).float().mean() < 0.03  # sigmoid(N(0, 1)) < 0.1 has p ~ 0.014
+    noisy = draw(sampling="logit_normal", logit_mean=1.0)
+    assert 0.8 < (noisy >= 500).float().mean() < 0.88  # P(N(1, 1) > 0) ~ 0.84
+    assert 0 <= noisy.min() and noisy.max() <= 999
+
+
+def test_training_loss_trains_on_the_timesteps_it_sampled():
+    scheduler = make_noise_scheduler()
+    latents, text = torch.randn(64, 4, 8, 8), torch.zeros(64, 16, 32)
+    terms = training_loss_terms(
+        ZeroNetwork(),
+        latents,
+        text,
+        scheduler,
+        timestep_sampling="logit_normal",
+        timestep_logit_mean=4.0,
+        timestep_logit_std=0.5,
+        generator=torch.Generator().manual_seed(7),
+    )
+    # Replay: noise first, then the normal draw behind the timesteps.
+    replay = torch.Generator().manual_seed(7)
+    torch.randn(latents.shape, generator=replay)
+    expected = (torch.sigmoid(4.0 + 0.5 * torch.randn((64,), generator=replay)) * 1000).long()
+    assert torch.equal(terms.timesteps, expected)
+    assert terms.timesteps.min() >= 750  # sigmoid(4 - 0.5 * 5.8) is still above 0.75
+
+
 def test_unknown_modes_raise():
     scheduler = make_noise_scheduler()
     latents, text = torch.zeros(1, 4, 8, 8), torch.zeros(1, 16, 32)
@@ -152,3 +191,7 @@ def test_unknown_modes_raise():
         training_loss(ZeroNetwork(), latents, text, scheduler, loss_weighting="p2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="snr_gamma"):
         min_snr_weights(torch.ones(2), 0.0, "epsilon")
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        training_loss(ZeroNetwork(), latents, text, scheduler, timestep_sampling="cosine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timestep_logit_std"):
+        sample_timesteps(4, 1000, sampling="logit_normal", logit_std=0.0)

@@ -218,6 +218,21 @@ def test_a_run_the_time_budget_stops_ends_on_the_decayed_rate_only_with_the_time
     assert read_checkpoint_state(folder)["lr"] == pytest.approx(final_lr)
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_the_loop_draws_its_timesteps_as_the_config_says(sampling, tmp_path):
+    # Mean 4, std 0.5: every t above 750, so every sample lands in the last of the 4 loss buckets.
+    inputs, batches = _tiny_loop_inputs(
+        max_steps=6, timestep_sampling=sampling, timestep_logit_mean=4.0, timestep_logit_std=0.5
+    )
+    state = train_loop(inputs, batches, LocalWorld(checkpoint_dir=tmp_path / "ckpt"), [NanGuard()])
+    samples = state.window.bucket_samples
+    assert samples.sum().item() == 6 * 4
+    if sampling == "logit_normal":
+        assert samples.tolist() == [0, 0, 0, 24]
+    else:
+        assert samples[:3].sum().item() > 0
+
+
 def test_the_nan_guard_names_the_step_before_the_weights_change():
     inputs, _ = _tiny_loop_inputs()
     bad = tensor_batches(

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from ldm.config.base import ConfigBase
 from ldm.config.lora import LoraConfig
-from ldm.diffusion import LossWeighting, PredictionType
+from ldm.diffusion import LossWeighting, PredictionType, TimestepSampling
 from ldm.unet import UNetConfig
 
 DEFAULT_SAMPLE_PROMPTS = (
@@ -45,6 +45,11 @@ class TrainConfig(ConfigBase):
     loss_weighting: LossWeighting = "min_snr"
     snr_gamma: float = Field(5.0, gt=0)
     noise_offset: float = Field(0.0, ge=0)
+    # Which t a batch trains on: "uniform", or "logit_normal" (SD3: t/T = sigmoid(N(mean, std)); a
+    # positive mean puts more of each batch at high noise). ldm/diffusion.py says more.
+    timestep_sampling: TimestepSampling = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # p of training on the empty prompt (for CFG)
 
     # Optimisation: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr at max_steps.

@@ -271,6 +271,9 @@ def forward_backward(
                     loss_weighting=cfg.loss_weighting,
                     snr_gamma=cfg.snr_gamma,
                     noise_offset=cfg.noise_offset,
+                    timestep_sampling=cfg.timestep_sampling,
+                    timestep_logit_mean=cfg.timestep_logit_mean,
+                    timestep_logit_std=cfg.timestep_logit_std,
                     generator=generator,
                 )
             (terms.loss / cfg.grad_accum_steps).backward()
