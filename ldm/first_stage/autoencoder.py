@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL
 
 from ldm.config.bootstrap import AutoencoderConfig
 from ldm.first_stage.clip import check_images
+from ldm.optim import adamw
 from ldm.storage import materialize
 
 
@@ -126,7 +127,7 @@ def train_autoencoder(
     """
     vae.train()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = adamw(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     # cosine decay: the last steps at a small learning rate buy a good part of the final PSNR
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
     losses: list[float] = []

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ldm.config.bootstrap import ClipConfig
+from ldm.optim import adamw
 from ldm.storage import is_remote, materialize
 
 if TYPE_CHECKING:  # for the annotations only: open_clip is imported where it is used (it is slow to import)
@@ -271,7 +272,7 @@ def train_clip(
     # no weight decay on LayerNorm gains, biases and the temperature (as open_clip's training does)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(0.9, 0.98),

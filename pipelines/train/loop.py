@@ -28,6 +28,7 @@ from ldm.diffusion import (
     training_loss_terms,
 )
 from ldm.lora import add_lora
+from ldm.optim import adamw
 from ldm.sd_format import NoiseSchedule
 from ldm.unet import build_unet
 from pipelines.train.checkpoint import load_checkpoint, read_checkpoint_state
@@ -227,7 +228,7 @@ def build_training_state(
     # With LoRA the copy's base weights stay equal to the U-Net's: update_ema moves the adapter only.
     ema_unet = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay is not None else None
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return unet, ema_unet, optimizer
 
 
