@@ -54,7 +54,7 @@ class DemoConfig(ConfigBase):
     # x 4,800). Steps are what the score buys, so training runs until max_steps or until the demo's
     # budget_minutes run out (above; max_minutes is only the ceiling), whichever comes first, and
     # lr_horizon "steps_or_time" ends the cosine at its floor either way. On the 2-core machines of
-    # turns 8-10 (~125-150 samples/s) the budget leaves the 4-minute floor, ~800-1,000 steps; the cap
+    # turns 8-11 (~120-150 samples/s) the budget leaves the 4-minute floor, ~800-1,000 steps; the cap
     # of 10 minutes and 4,000 steps is for machines fast enough to get there within the budget.
     # snr_gamma 1 instead of Min-SNR's usual 5 caps the weight of the nearly clean steps (t below ~350)
     # harder, so the loss leans on the noisy part of the schedule, where shape, count and layout are
