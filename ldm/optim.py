@@ -2,7 +2,7 @@
 
 torch's fused AdamW kernel (``fused=True``, on CPU since torch 2.4) updates all parameters in one pass
 instead of a loop of small tensor ops. On 2 CPU cores the demo U-Net's optimizer step took 4 ms fused
-against 16 ms per step unfused, about a tenth of its whole training step (docs/TRAINING.md, turn 11).
+against 16 ms unfused, 4-12% of its whole training step (docs/TRAINING.md, turn 11).
 The update is AdamW's all the same; only the kernel differs.
 """
 
