@@ -8,9 +8,13 @@ import torch
 from ldm.optim import adamw
 
 
-def _steps(fused_or_not: str) -> list[torch.Tensor]:
+def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+
+
+def _steps(fused_or_not: str) -> list[torch.Tensor]:
+    model = _model()
     groups = [
         {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
         {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
@@ -31,15 +35,10 @@ def _steps(fused_or_not: str) -> list[torch.Tensor]:
 
 def test_fused_adamw_takes_the_same_steps_as_torchs_default():
     fused, plain = _steps("fused"), _steps("plain")
-    assert any(not torch.equal(a, b) for a, b in zip(fused, _initial(), strict=True))  # it did train
+    initial = [p.detach() for p in _model().parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(fused, initial, strict=True))  # it did train
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def _initial() -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def test_an_empty_parameter_list_is_refused_as_torch_refuses_it():
