@@ -106,3 +106,21 @@ def test_ingest_score_section_is_deprecated_and_ignored():
     for name in ("production-ingest", "sd15-ingest"):  # shipped configs no longer carry it
         shipped = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
         assert "score" not in yaml.safe_load(shipped.read_text()), name
+
+
+def test_quality_profile_loads_as_the_demo_with_its_own_budget():
+    """configs/quality.yaml is `ldm demo --config`'s file: its partial sections merge onto the demo's."""
+    from ldm.config.demo import DemoConfig
+    from pipelines.demo import fit_training_to_budget
+
+    cfg = load_config(DemoConfig, Path(__file__).resolve().parents[1] / "configs" / "quality.yaml")
+    demo = DemoConfig()
+    assert cfg.synth.num_pairs > demo.synth.num_pairs and cfg.bootstrap.clip.steps > demo.bootstrap.clip.steps
+    # Keys the file does not name keep the demo's values (its CLIP architecture, its eval sampler).
+    assert cfg.bootstrap.clip.patch_size == demo.bootstrap.clip.patch_size
+    assert cfg.eval.guidance_scale == demo.eval.guidance_scale and cfg.eval.num_prompts >= 96
+    assert cfg.train.unet == demo.train.unet and cfg.train.snr_gamma == 5.0
+    # After ~30 minutes of synth, bootstrap and ingest, the U-Net gets the rest of the 90-minute budget.
+    train = fit_training_to_budget(cfg.train, cfg, elapsed_s=30 * 60)
+    assert train.max_minutes == pytest.approx(cfg.budget_minutes - 30 - cfg.after_train_minutes)
+    assert 30 + train.max_minutes + cfg.after_train_minutes <= 90
