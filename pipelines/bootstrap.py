@@ -31,7 +31,7 @@ import torch
 from ldm.config.base import dump_config
 from ldm.config.bootstrap import BootstrapConfig
 from ldm.contract import WorkDir
-from ldm.errors import GateError
+from ldm.errors import GateError, LdmError
 from ldm.first_stage import autoencoder as ae
 from ldm.first_stage import clip
 from ldm.first_stage import text_encoder as te
@@ -48,6 +48,18 @@ TEXT_ENCODER_TOLERANCE = 1e-4  # the conversion is exact; anything above this is
 
 class BootstrapGateError(GateError):
     """A first-stage model ended below its quality gate."""
+
+
+def bootstrap_device(cfg: BootstrapConfig) -> torch.device:
+    """The device ``cfg.device`` names ("auto": CUDA when torch sees it); raises when CUDA is named and absent."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise LdmError(
+            "bootstrap.device is 'cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
+            "use 'auto' or 'cpu'"
+        )
+    return torch.device(cfg.device)
 
 
 def _digest(cfg: BootstrapConfig, section: str) -> str:
@@ -97,7 +109,8 @@ def _loss_summary(losses: list[float]) -> dict[str, float]:
 
 def _train_clip(cfg: BootstrapConfig, images: np.ndarray, captions: list[str], log) -> tuple[Any, dict]:
     torch.manual_seed(cfg.seed)
-    bundle = clip.bundle_for(clip.build_clip(cfg.clip), name="bootstrap")
+    device = bootstrap_device(cfg)
+    bundle = clip.bundle_for(clip.build_clip(cfg.clip).to(device), name="bootstrap")
     started = time.perf_counter()
     losses = clip.train_clip(bundle, images, captions, cfg.clip, seed=cfg.seed, log=log)
     seconds = time.perf_counter() - started
@@ -112,20 +125,23 @@ def _train_clip(cfg: BootstrapConfig, images: np.ndarray, captions: list[str], l
     hard_auc = clip.matched_vs_mismatched_auc(bundle, held_images, held_captions, hard)
     log(
         f"[clip] held-out ROC AUC {auc:.4f} (gate {cfg.min_clip_auc}), against one-attribute "
-        f"negatives {hard_auc:.4f}, trained in {seconds:.0f}s"
+        f"negatives {hard_auc:.4f}, trained in {seconds:.0f}s on {device.type}"
     )
+    bundle.model.cpu()  # the text-tower conversion and everything after it run on the CPU
     return bundle, {
         "roc_auc": auc,
         "hard_negative_auc": hard_auc,
         "eval_pairs": cfg.clip.eval_pairs,
         "train_seconds": seconds,
+        "device": device.type,
         **_loss_summary(losses),
     }
 
 
 def _train_autoencoder(cfg: BootstrapConfig, images: np.ndarray, log) -> tuple[Any, dict]:
     torch.manual_seed(cfg.seed)
-    vae = ae.build_autoencoder(cfg.autoencoder)
+    device = bootstrap_device(cfg)
+    vae = ae.build_autoencoder(cfg.autoencoder).to(device)
     started = time.perf_counter()
     losses = ae.train_autoencoder(vae, images, cfg.autoencoder, seed=cfg.seed, log=log)
     seconds = time.perf_counter() - started
@@ -135,13 +151,15 @@ def _train_autoencoder(cfg: BootstrapConfig, images: np.ndarray, log) -> tuple[A
     psnr = ae.reconstruction_psnr(vae, held_images)
     log(
         f"[autoencoder] held-out PSNR {psnr:.2f} dB (gate {cfg.min_psnr_db}), scaling factor "
-        f"{scaling_factor:.3f}, trained in {seconds:.0f}s"
+        f"{scaling_factor:.3f}, trained in {seconds:.0f}s on {device.type}"
     )
+    vae.cpu()
     metrics = {
         "psnr_db": psnr,
         "scaling_factor": scaling_factor,
         "eval_images": cfg.autoencoder.eval_images,
         "train_seconds": seconds,
+        "device": device.type,
         **_loss_summary(losses),
     }
     return vae, metrics
@@ -293,6 +311,7 @@ def run_bootstrap(cfg: BootstrapConfig, log: Callable[[str], None] | None = None
     from ldm import tracking
 
     log = log or (lambda message: print(message, flush=True))
+    bootstrap_device(cfg)  # a missing GPU fails here, before anything is rendered
     workdir = WorkDir(cfg.workdir)
     workdir.models.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir.models / "bootstrap.yaml")

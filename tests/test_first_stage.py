@@ -260,6 +260,38 @@ def test_autoencoder_training_lowers_the_loss(renders):
 
 
 # --- bootstrap job --------------------------------------------------------------------------------
+def test_bootstrap_device_is_checked_before_any_work(tmp_path):
+    from pydantic import ValidationError
+
+    from ldm.errors import LdmError
+    from pipelines.bootstrap import bootstrap_device
+
+    assert bootstrap_device(BootstrapConfig(device="cpu")).type == "cpu"
+    assert bootstrap_device(BootstrapConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValidationError, match="device"):
+        BootstrapConfig(device="tpu")
+    if not torch.cuda.is_available():
+        cfg = BootstrapConfig(workdir=str(tmp_path / "work"), device="cuda")
+        with pytest.raises(LdmError, match=r"bootstrap.device is 'cuda' but torch sees no CUDA device"):
+            run_bootstrap(cfg, log=lambda _: None)
+        assert not (tmp_path / "work").exists()  # failed before rendering or writing anything
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bootstrap_trains_on_the_gpu_and_saves_models_the_cpu_loads(tmp_path):
+    cfg = BootstrapConfig(workdir=str(tmp_path / "work"), num_train_images=64, clip=TINY_CLIP, autoencoder=TINY_AE,
+                          min_clip_auc=0.0, min_psnr_db=0.0, device="cuda")  # fmt: skip
+    result = run_bootstrap(cfg, log=lambda _: None)
+    assert result["clip"]["device"] == result["autoencoder"]["device"] == "cuda"
+    assert result["text_encoder"]["max_abs_difference"] < 1e-5
+    work = WorkDir(cfg.workdir)
+    vae = ae.load_autoencoder(str(work.autoencoder))
+    assert vae.device.type == "cpu" and vae.config.scaling_factor == pytest.approx(
+        result["autoencoder"]["scaling_factor"]
+    )
+    assert clip.load_clip(str(work.clip)).device.type == "cpu"
+
+
 @pytest.mark.slow  # four bootstraps and their MLflow runs: ~90 s on 2 busy cores
 def test_bootstrap_writes_reuses_and_gates(tmp_path):
     cfg = BootstrapConfig(workdir=str(tmp_path / "work"), num_train_images=64, clip=TINY_CLIP, autoencoder=TINY_AE,
@@ -287,9 +319,11 @@ def test_bootstrap_writes_reuses_and_gates(tmp_path):
     assert text_model.config.max_position_embeddings == tokenizer.model_max_length == TINY_CLIP.context_length
     assert clip.load_clip(str(work.clip)).model_cfg == clip.clip_model_config(TINY_CLIP)
 
-    # same config again: nothing retrains
+    assert result["clip"]["device"] == result["autoencoder"]["device"] == "cpu"
+
+    # same config again: nothing retrains, and the device is not part of what a model depends on
     started = time.perf_counter()
-    again = run_bootstrap(cfg, log=lambda _: None)
+    again = run_bootstrap(cfg.model_copy(update={"device": "cpu"}), log=lambda _: None)
     assert not (
         again["clip"]["trained"] or again["autoencoder"]["trained"] or again["text_encoder"]["trained"]
     )

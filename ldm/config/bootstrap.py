@@ -7,6 +7,8 @@ autoencoder together train in about ten minutes on two CPU cores and pass both q
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ldm.config.base import ConfigBase
@@ -71,5 +73,8 @@ class BootstrapConfig(ConfigBase):
     # quality gates: training that ends below them raises BootstrapGateError
     min_clip_auc: float = 0.98
     min_psnr_db: float = 28.0
-    threads: int = 2
+    threads: int = 2  # torch threads on the CPU
+    # Where the CLIP and the autoencoder train: "auto" is the GPU when torch sees one, else the CPU.
+    # Not part of a model's digest: a model trained on either is reused by the other.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     force: bool = False  # retrain even when a model with the same config is already there
