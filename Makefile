@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= ./ldm-demo
+QUALITY_WORKDIR ?= ./ldm-quality
 PYTEST_FLAGS ?=
 
 export HF_HUB_OFFLINE := 1
@@ -12,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo test test-all test-fast lint clean
+.PHONY: install demo quality test test-all test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ install: $(STAMP)
 ## The whole pipeline end to end on the embedded default (no GPU, no hub, about 19-22 minutes on 2 cores).
 demo: $(STAMP)
 	$(BIN)/ldm demo --workdir $(WORKDIR)
+
+## The quality profile (configs/quality.yaml): the same pipeline with more data, a longer-trained CLIP
+## and ~10,000 U-Net steps, sized for about 90 minutes on 2 cores (docs/TRAINING.md, turn 12).
+quality: $(STAMP)
+	$(BIN)/ldm demo --config configs/quality.yaml --workdir $(QUALITY_WORKDIR)
 
 ## The test suite CI runs (under 30 minutes on 2 cores): everything but the `nightly` end-to-end tests.
 test: $(STAMP)
