@@ -1,5 +1,6 @@
 """The GPU benchmark script (`benchmarks/train_gpu.py`) on the CPU at tiny sizes, so that it does not
-rot between the rare sessions that have a GPU: every subcommand runs, and what it writes loads back."""
+rot between the rare sessions that have a GPU: every subcommand runs, and what it writes loads back.
+Also the CLIP edit-kind diagnostic (`benchmarks/clip_edit_auc.py`) on a tiny CLIP."""
 
 from __future__ import annotations
 
@@ -81,3 +82,51 @@ def test_train_gpu_script_end_to_end_on_cpu(tmp_path):
     clips = _run("clips", "--tiny", "--images", "64", "--out", str(tmp_path / "clip"))
     assert [r["run"] for r in clips] == ["clip_demo", "clip_long", "clip_long_patch4"]
     assert all(0.0 <= r[f"auc_{k}"] <= 1.0 for r in clips for k in ("random", "one_attribute", "shape_only"))
+
+
+def _clip_edit_auc_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("clip_edit_auc", ROOT / "benchmarks" / "clip_edit_auc.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_edit_auc_names_the_kind_of_every_hard_negative():
+    from ldm.synth.grammar import parse_caption
+    from ldm.synth.negatives import hard_negatives
+
+    edit_kind = _clip_edit_auc_module().edit_kind
+    caption = "a small red circle in the top left"
+    kinds = {n: edit_kind(parse_caption(caption), parse_caption(n)) for n in hard_negatives(caption)}
+    assert kinds["a small red circle in the bottom right"] == "position"
+    assert kinds["a small red square in the top left"] == "shape"
+    assert kinds["a small blue circle in the top left"] == "colour"
+    assert kinds["a large red circle in the top left"] == "size"
+    assert set(kinds.values()) == {"position", "shape", "colour", "size"}
+    relation = "a red star to the left of a blue square"
+    assert (
+        edit_kind(parse_caption(relation), parse_caption("a red star to the right of a blue square"))
+        == "relation"
+    )
+    assert (
+        edit_kind(parse_caption(relation), parse_caption("a blue star to the left of a red square"))
+        == "binding"
+    )
+
+
+def test_clip_edit_auc_script_scores_a_saved_clip(tmp_path):
+    from ingest_fixtures import write_tiny_models
+
+    work = write_tiny_models(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "clip_edit_auc.py"), str(work.clip), "--renders", "96"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    figures = dict(part.split()[:2] for part in line.split(": ", 1)[1].split(" | "))
+    assert {"position", "shape", "colour"} <= figures.keys()
+    assert all(0.0 <= float(auc) <= 1.0 for auc in figures.values())
