@@ -1,7 +1,7 @@
 """What a bootstrap CLIP tells apart, by kind of edit (docs/TRAINING.md, turn 12).
 
 Each held-out render is scored with its own caption and with one caption a single attribute away
-(`ldm.synth.negatives.hard_negatives`), grouped by what the edit changed: position, relation, shape,
+(`ldm.synth.negatives.hard_negatives_by_kind`), grouped by what the edit changed: position, relation, shape,
 colour, size, count, or the two colours swapped between their shapes (binding). The printed figure is
 the ROC AUC of matched against edited scores per kind (0.5: the CLIP cannot tell that kind apart).
 The bootstrap's own ``hard_negative_auc`` pools all kinds into one number.
@@ -17,26 +17,9 @@ from collections import defaultdict
 import numpy as np
 
 from ldm.first_stage import clip
-from ldm.synth.grammar import PromptSpec, parse_caption
-from ldm.synth.negatives import hard_negatives
+from ldm.synth.negatives import hard_negatives_by_kind
 from ldm.synth.render import render_batch
 from ldm.synth.source import HELDOUT_SEED_OFFSET
-
-
-def edit_kind(true: PromptSpec, edited: PromptSpec) -> str:
-    """Which single attribute ``edited`` changed in ``true`` (hard_negatives makes one edit each)."""
-    if true.position != edited.position:
-        return "position"
-    if true.relation != edited.relation:
-        return "relation"
-    changed = [(a, b) for a, b in zip(true.objects, edited.objects, strict=True) if a != b]
-    if len(changed) == 2:  # both objects changed: their colours were swapped
-        return "binding"
-    a, b = changed[0]
-    for field in ("shape", "color", "size", "count"):
-        if getattr(a, field) != getattr(b, field):
-            return {"color": "colour"}.get(field, field)
-    raise ValueError(f"no single edit between {true} and {edited}")
 
 
 def main() -> None:
@@ -50,11 +33,8 @@ def main() -> None:
     images, captions, _ = render_batch(args.renders, args.seed + HELDOUT_SEED_OFFSET + 7)
     by_kind: dict[str, tuple[list[int], list[str]]] = defaultdict(lambda: ([], []))
     for i, caption in enumerate(captions):
-        true = parse_caption(caption)
-        kinds: dict[str, list[str]] = defaultdict(list)
-        for negative in hard_negatives(caption):
-            kinds[edit_kind(true, parse_caption(negative))].append(negative)
-        for kind, negatives in kinds.items():  # one edit of each kind the caption allows
+        # one edit of each kind the caption allows
+        for kind, negatives in hard_negatives_by_kind(caption).items():
             by_kind[kind][0].append(i)
             by_kind[kind][1].append(str(rng.choice(negatives)))
 

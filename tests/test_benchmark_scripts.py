@@ -96,9 +96,8 @@ def _clip_edit_auc_module():
 
 def test_clip_edit_auc_names_the_kind_of_every_hard_negative():
     from ldm.synth.grammar import parse_caption
-    from ldm.synth.negatives import hard_negatives
+    from ldm.synth.negatives import edit_kind, hard_negatives, hard_negatives_by_kind
 
-    edit_kind = _clip_edit_auc_module().edit_kind
     caption = "a small red circle in the top left"
     kinds = {n: edit_kind(parse_caption(caption), parse_caption(n)) for n in hard_negatives(caption)}
     assert kinds["a small red circle in the bottom right"] == "position"
@@ -106,6 +105,10 @@ def test_clip_edit_auc_names_the_kind_of_every_hard_negative():
     assert kinds["a small blue circle in the top left"] == "colour"
     assert kinds["a large red circle in the top left"] == "size"
     assert set(kinds.values()) == {"position", "shape", "colour", "size"}
+    grouped = hard_negatives_by_kind(caption)
+    assert list(grouped) == ["colour", "position", "shape", "size"]
+    assert sorted(sum(grouped.values(), [])) == sorted(hard_negatives(caption))
+    assert all(kinds[n] == kind for kind, group in grouped.items() for n in group)
     relation = "a red star to the left of a blue square"
     assert (
         edit_kind(parse_caption(relation), parse_caption("a red star to the right of a blue square"))

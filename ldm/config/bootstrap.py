@@ -43,6 +43,11 @@ class ClipConfig(ConfigBase):
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 40
+    # Hard negatives per image and step (NegCLIP): captions one edit away from the image's own (a
+    # position, a flipped relation, swapped colours, a shape...; `ldm.synth.negatives`), added to the
+    # image-to-text softmax. Random in-batch captions almost never differ from the true one by a
+    # position alone, so plain InfoNCE leaves the CLIP at chance on position (docs/TRAINING.md, turn 12).
+    hard_negatives: int = Field(0, ge=0)
     eval_pairs: int = 512  # held-out pairs for the ROC AUC gate
 
 

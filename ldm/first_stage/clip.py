@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ldm.config.bootstrap import ClipConfig
 from ldm.optim import adamw
 from ldm.storage import is_remote, materialize
+from ldm.synth.negatives import hard_negatives_by_kind
 
 if TYPE_CHECKING:  # for the annotations only: open_clip is imported where it is used (it is slow to import)
     from open_clip.model import CLIP, CustomTextCLIP
@@ -267,7 +268,21 @@ def train_clip(
     unique = sorted(set(captions))
     lookup = {caption: i for i, caption in enumerate(unique)}
     caption_ids = torch.tensor([lookup[c] for c in captions])
-    unique_tokens = bundle.tokenizer(unique)  # tokenise each distinct caption once
+    # Texts the step may use: each distinct caption, then (with cfg.hard_negatives) every hard negative
+    # of one that is not itself a training caption. Each is tokenised once.
+    negative_kinds: list[list[list[int]]] = []  # per distinct caption: per edit kind, text indices
+    texts = list(unique)
+    if cfg.hard_negatives:
+        grouped = [list(hard_negatives_by_kind(caption).values()) for caption in unique]
+        text_index = dict(lookup)
+        for kinds in grouped:
+            for group in kinds:
+                for negative in group:
+                    text_index.setdefault(negative, len(text_index))
+        texts = list(text_index)
+        negative_kinds = [[[text_index[n] for n in group] for group in kinds] for kinds in grouped]
+    text_tokens = bundle.tokenizer(texts)
+    rng = np.random.default_rng(seed)
 
     # no weight decay on LayerNorm gains, biases and the temperature (as open_clip's training does)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
@@ -292,11 +307,18 @@ def train_clip(
         index = torch.randint(len(captions), (cfg.batch_size,), generator=generator)
         pixels = bundle.preprocess(images[index.numpy()]).to(bundle.device)
         ids = caption_ids[index]
-        out = model(pixels, unique_tokens[ids].to(bundle.device))
-        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # [B, B]
-        same_caption = (ids[:, None] == ids[None, :]).float().to(logits.device)  # [B, B], symmetric
-        targets = same_caption / same_caption.sum(1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        text_ids = torch.cat([ids, _draw_negatives(negative_kinds, ids, cfg.hard_negatives, rng)])
+        out = model(pixels, text_tokens[text_ids].to(bundle.device))
+        # [B, B + B x hard_negatives]: the batch's captions first, then the hard negatives
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        # A text is a positive of every row with the same caption; a hard negative that happens to be
+        # another row's caption is that row's positive (its text index is that caption's id).
+        positives = (ids[:, None] == text_ids[None, :]).float().to(logits.device)
+        batch = len(ids)
+        image_to_text = F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
+        same_caption = positives[:, :batch]  # symmetric; text-to-image ranks the batch's images only
+        text_to_image = F.cross_entropy(logits[:, :batch].T, same_caption / same_caption.sum(1, keepdim=True))
+        loss = 0.5 * (image_to_text + text_to_image)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,3 +336,20 @@ def train_clip(
             )
     model.eval()
     return losses
+
+
+def _draw_negatives(
+    negative_kinds: list[list[list[int]]], ids: torch.Tensor, per_image: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """[B x per_image] text indices: for each row, ``per_image`` hard negatives of its caption, each
+    drawn from an edit kind chosen uniformly (so position and binding, a few edits each, are drawn as
+    often as colour, which has seven)."""
+    drawn: list[int] = []
+    if per_image == 0:
+        return torch.tensor(drawn, dtype=torch.long)
+    for caption in ids.tolist():
+        kinds = negative_kinds[caption]
+        for _ in range(per_image if kinds else 0):
+            group = kinds[rng.integers(len(kinds))]
+            drawn.append(group[rng.integers(len(group))])
+    return torch.tensor(drawn, dtype=torch.long)

@@ -64,3 +64,29 @@ def hard_negatives(caption: str) -> list[str]:
         captions.add(text)
     captions.discard(format_caption(spec))
     return sorted(captions)
+
+
+def edit_kind(true: PromptSpec, edited: PromptSpec) -> str:
+    """Which single attribute ``edited`` changed in ``true`` (``hard_negatives`` makes one edit each):
+    position, relation, shape, colour, size, count, or binding (the two colours swapped)."""
+    if true.position != edited.position:
+        return "position"
+    if true.relation != edited.relation:
+        return "relation"
+    changed = [(a, b) for a, b in zip(true.objects, edited.objects, strict=True) if a != b]
+    if len(changed) == 2:  # both objects changed: their colours were swapped
+        return "binding"
+    a, b = changed[0]
+    for field in ("shape", "color", "size", "count"):
+        if getattr(a, field) != getattr(b, field):
+            return {"color": "colour"}.get(field, field)
+    raise ValueError(f"no single edit between {true} and {edited}")
+
+
+def hard_negatives_by_kind(caption: str) -> dict[str, list[str]]:
+    """``hard_negatives(caption)`` grouped by ``edit_kind``: {kind: [captions]}, kinds sorted."""
+    true = parse_caption(caption)
+    kinds: dict[str, list[str]] = {}
+    for negative in hard_negatives(caption):
+        kinds.setdefault(edit_kind(true, parse_caption(negative)), []).append(negative)
+    return dict(sorted(kinds.items()))
