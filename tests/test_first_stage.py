@@ -185,6 +185,36 @@ def test_clip_training_lowers_the_loss_and_auc_is_measured(renders):
     assert 0.0 <= auc <= 1.0
 
 
+def test_hard_negatives_are_drawn_per_kind_and_enter_the_image_to_text_softmax(renders):
+    from ldm.synth.negatives import hard_negatives_by_kind
+
+    images, captions = renders
+    caption = "a small red circle in the top left"
+    kinds = hard_negatives_by_kind(caption)  # colour 7, position 7, shape 3, size 1
+    text_of = [caption] + [n for group in kinds.values() for n in group]
+    index = {text: i for i, text in enumerate(text_of)}
+    groups = [[[index[n] for n in group] for group in kinds.values()]]
+    drawn = clip._draw_negatives(groups, torch.zeros(400, dtype=torch.long), 2, np.random.default_rng(0))
+    assert len(drawn) == 800 and 0 not in drawn.tolist()  # never the row's own caption
+    share = {kind: np.isin(drawn.numpy(), [index[n] for n in group]).mean() for kind, group in kinds.items()}
+    assert all(0.18 < s < 0.32 for s in share.values()), share  # each kind a quarter, not by list length
+    assert (
+        clip._draw_negatives(groups, torch.zeros(4, dtype=torch.long), 0, np.random.default_rng(0)).numel()
+        == 0
+    )
+
+    # At initialisation the logits are about equal, so the first loss is about
+    # 0.5 * (log(B + B * k) + log(B)): the hard negatives widen the image-to-text softmax by log(3) / 2
+    # (0.55; seeds 0-2 measured 0.52-0.69). Without them in the softmax the two losses would be equal.
+    first = {}
+    for k in (0, 2):
+        torch.manual_seed(0)
+        bundle = clip.bundle_for(clip.build_clip(TINY_CLIP))
+        cfg = TINY_CLIP.model_copy(update={"steps": 1, "batch_size": 32, "hard_negatives": k})
+        first[k] = clip.train_clip(bundle, images, captions, cfg, seed=0, log=lambda _: None)[0]
+    assert 0.3 < first[2] - first[0] < 0.9
+
+
 # --- text encoder ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_text_tower_conversion_matches_open_clip(tmp_path, renders, quick_gelu):
