@@ -64,11 +64,11 @@ def bootstrap_device(cfg: BootstrapConfig) -> torch.device:
 
 def _digest(cfg: BootstrapConfig, section: str) -> str:
     """What a saved model depends on: the data (seed, size) and its own section (not the gates)."""
-    keys = {
-        "seed": cfg.seed,
-        "num_train_images": cfg.num_train_images,
-        section: getattr(cfg, section).to_dict(),
-    }
+    config = getattr(cfg, section).to_dict()
+    if section == "clip" and not config["hard_negatives"]:
+        # keys added after the first release: off, they leave the digest of an earlier CLIP unchanged
+        del config["hard_negatives"], config["hard_negative_kinds"]
+    keys = {"seed": cfg.seed, "num_train_images": cfg.num_train_images, section: config}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -215,6 +215,34 @@ def test_hard_negatives_are_drawn_per_kind_and_enter_the_image_to_text_softmax(r
     assert 0.3 < first[2] - first[0] < 0.9
 
 
+def test_hard_negative_kinds_are_preferred_checked_and_part_of_the_digest():
+    import hashlib
+
+    from ldm.synth.negatives import hard_negatives_by_kind
+    from pipelines.bootstrap import _digest
+
+    single = hard_negatives_by_kind("a small red circle in the top left")
+    spatial = ("binding", "position", "relation")
+    assert clip._preferred_kinds(single, spatial) == [single["position"]]
+    plain = hard_negatives_by_kind("a red circle")  # no spatial edit: every kind it has
+    assert clip._preferred_kinds(plain, spatial) == list(plain.values())
+    assert ClipConfig(hard_negative_kinds=["relation", "position"]).hard_negative_kinds == (
+        "position",
+        "relation",
+    )
+    with pytest.raises(ValueError, match="unknown hard-negative kinds"):
+        ClipConfig(hard_negative_kinds=["colours"])
+
+    # Off, the new keys leave the digest of a CLIP saved before they existed as it was: it is reused.
+    cfg = BootstrapConfig()
+    before = {k: v for k, v in cfg.clip.to_dict().items() if not k.startswith("hard_negative")}
+    keys = {"seed": cfg.seed, "num_train_images": cfg.num_train_images, "clip": before}
+    assert _digest(cfg, "clip") == hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    on = cfg.model_copy(update={"clip": cfg.clip.model_copy(update={"hard_negatives": 1})})
+    spatial_on = cfg.model_copy(update={"clip": on.clip.model_copy(update={"hard_negative_kinds": spatial})})
+    assert len({_digest(cfg, "clip"), _digest(on, "clip"), _digest(spatial_on, "clip")}) == 3
+
+
 # --- text encoder ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_text_tower_conversion_matches_open_clip(tmp_path, renders, quick_gelu):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ldm.config.base import ConfigBase
 
@@ -48,7 +48,20 @@ class ClipConfig(ConfigBase):
     # image-to-text softmax. Random in-batch captions almost never differ from the true one by a
     # position alone, so plain InfoNCE leaves the CLIP at chance on position (docs/TRAINING.md, turn 12).
     hard_negatives: int = Field(0, ge=0)
+    # Which edit kinds the hard negatives are drawn from when a caption allows one of them (else any
+    # kind): empty is every kind, each drawn as often. Names: ldm.synth.negatives.EDIT_KINDS.
+    hard_negative_kinds: tuple[str, ...] = ()
     eval_pairs: int = 512  # held-out pairs for the ROC AUC gate
+
+    @field_validator("hard_negative_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        from ldm.synth.negatives import EDIT_KINDS
+
+        unknown = sorted(set(kinds) - set(EDIT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown hard-negative kinds {unknown}; expected some of {list(EDIT_KINDS)}")
+        return tuple(sorted(set(kinds)))
 
 
 class AutoencoderConfig(ConfigBase):

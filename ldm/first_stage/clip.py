@@ -273,7 +273,9 @@ def train_clip(
     negative_kinds: list[list[list[int]]] = []  # per distinct caption: per edit kind, text indices
     texts = list(unique)
     if cfg.hard_negatives:
-        grouped = [list(hard_negatives_by_kind(caption).values()) for caption in unique]
+        grouped = [
+            _preferred_kinds(hard_negatives_by_kind(caption), cfg.hard_negative_kinds) for caption in unique
+        ]
         text_index = dict(lookup)
         for kinds in grouped:
             for group in kinds:
@@ -336,6 +338,12 @@ def train_clip(
             )
     model.eval()
     return losses
+
+
+def _preferred_kinds(by_kind: dict[str, list[str]], preferred: tuple[str, ...]) -> list[list[str]]:
+    """The groups of ``preferred`` kinds when the caption has any, else all of its groups."""
+    picked = [group for kind, group in by_kind.items() if kind in preferred]
+    return picked or list(by_kind.values())
 
 
 def _draw_negatives(

@@ -17,6 +17,8 @@ from ldm.synth.grammar import (
     parse_caption,
 )
 
+# What one hard-negative edit can change (`edit_kind`)
+EDIT_KINDS: tuple[str, ...] = ("binding", "colour", "count", "position", "relation", "shape", "size")
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
