@@ -224,8 +224,19 @@ def test_hard_negative_kinds_are_preferred_checked_and_part_of_the_digest():
     single = hard_negatives_by_kind("a small red circle in the top left")
     spatial = ("binding", "position", "relation")
     assert clip._preferred_kinds(single, spatial) == [single["position"]]
-    plain = hard_negatives_by_kind("a red circle")  # no spatial edit: every kind it has
-    assert clip._preferred_kinds(plain, spatial) == list(plain.values())
+    # no spatial edit: every kind it has, less held-out captions (evaluation prompts never reach the
+    # CLIP, not even as negatives): "a cyan circle" is a held-out prompt one colour from "a red circle"
+    from ldm.synth.grammar import heldout_prompts, is_heldout
+
+    plain = hard_negatives_by_kind("a red circle")
+    assert "a cyan circle" in heldout_prompts(96) and "a cyan circle" in plain["colour"]
+    kept = clip._preferred_kinds(plain, spatial)
+    assert [kind for kind, group in plain.items() if any(not is_heldout(n) for n in group)] == [
+        "colour",
+        "shape",
+    ]
+    assert kept == [[n for n in group if not is_heldout(n)] for group in plain.values()]
+    assert "a cyan circle" not in sum(kept, []) and "a blue circle" in sum(kept, [])
     assert ClipConfig(hard_negative_kinds=["relation", "position"]).hard_negative_kinds == (
         "position",
         "relation",

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ldm.config.bootstrap import ClipConfig
 from ldm.optim import adamw
 from ldm.storage import is_remote, materialize
+from ldm.synth.grammar import is_heldout
 from ldm.synth.negatives import hard_negatives_by_kind
 
 if TYPE_CHECKING:  # for the annotations only: open_clip is imported where it is used (it is slow to import)
@@ -341,7 +342,11 @@ def train_clip(
 
 
 def _preferred_kinds(by_kind: dict[str, list[str]], preferred: tuple[str, ...]) -> list[list[str]]:
-    """The groups of ``preferred`` kinds when the caption has any, else all of its groups."""
+    """The groups of ``preferred`` kinds when the caption has any, else all of its groups; held-out
+    captions left out, so that evaluation prompts stay text the CLIP never saw, not even as negatives."""
+    by_kind = {
+        kind: kept for kind, group in by_kind.items() if (kept := [n for n in group if not is_heldout(n)])
+    }
     picked = [group for kind, group in by_kind.items() if kind in preferred]
     return picked or list(by_kind.values())
 
