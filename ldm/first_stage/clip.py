@@ -269,22 +269,8 @@ def train_clip(
     unique = sorted(set(captions))
     lookup = {caption: i for i, caption in enumerate(unique)}
     caption_ids = torch.tensor([lookup[c] for c in captions])
-    # Texts the step may use: each distinct caption, then (with cfg.hard_negatives) every hard negative
-    # of one that is not itself a training caption. Each is tokenised once.
-    negative_kinds: list[list[list[int]]] = []  # per distinct caption: per edit kind, text indices
-    texts = list(unique)
-    if cfg.hard_negatives:
-        grouped = [
-            _preferred_kinds(hard_negatives_by_kind(caption), cfg.hard_negative_kinds) for caption in unique
-        ]
-        text_index = dict(lookup)
-        for kinds in grouped:
-            for group in kinds:
-                for negative in group:
-                    text_index.setdefault(negative, len(text_index))
-        texts = list(text_index)
-        negative_kinds = [[[text_index[n] for n in group] for group in kinds] for kinds in grouped]
-    text_tokens = bundle.tokenizer(texts)
+    texts, negative_kinds = _training_texts(unique, cfg)
+    text_tokens = bundle.tokenizer(texts)  # each text tokenised once
     rng = np.random.default_rng(seed)
 
     # no weight decay on LayerNorm gains, biases and the temperature (as open_clip's training does)
@@ -314,14 +300,7 @@ def train_clip(
         out = model(pixels, text_tokens[text_ids].to(bundle.device))
         # [B, B + B x hard_negatives]: the batch's captions first, then the hard negatives
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
-        # A text is a positive of every row with the same caption; a hard negative that happens to be
-        # another row's caption is that row's positive (its text index is that caption's id).
-        positives = (ids[:, None] == text_ids[None, :]).float().to(logits.device)
-        batch = len(ids)
-        image_to_text = F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
-        same_caption = positives[:, :batch]  # symmetric; text-to-image ranks the batch's images only
-        text_to_image = F.cross_entropy(logits[:, :batch].T, same_caption / same_caption.sum(1, keepdim=True))
-        loss = 0.5 * (image_to_text + text_to_image)
+        loss = _contrastive_loss(logits, ids, text_ids)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,6 +318,39 @@ def train_clip(
             )
     model.eval()
     return losses
+
+
+def _training_texts(unique: list[str], cfg: ClipConfig) -> tuple[list[str], list[list[list[int]]]]:
+    """(texts, negative_kinds): the distinct captions (text i is caption id i), then, with
+    ``cfg.hard_negatives``, every hard negative of one that is not itself a training caption; and per
+    distinct caption, its negatives' text indices grouped by edit kind."""
+    if not cfg.hard_negatives:
+        return list(unique), []
+    grouped = [
+        _preferred_kinds(hard_negatives_by_kind(caption), cfg.hard_negative_kinds) for caption in unique
+    ]
+    text_index = {caption: i for i, caption in enumerate(unique)}
+    for kinds in grouped:
+        for group in kinds:
+            for negative in group:
+                text_index.setdefault(negative, len(text_index))
+    negative_kinds = [[[text_index[n] for n in group] for group in kinds] for kinds in grouped]
+    return list(text_index), negative_kinds
+
+
+def _contrastive_loss(logits: torch.Tensor, ids: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over logits [B, T] (images x texts, the batch's own captions first).
+
+    A text is a positive of every row with the same caption id; a hard negative that happens to be
+    another row's caption is that row's positive (its text index is that caption's id). Text-to-image
+    ranks the batch's images for the batch's own captions only.
+    """
+    positives = (ids[:, None] == text_ids[None, :]).float().to(logits.device)
+    batch = len(ids)
+    image_to_text = F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
+    same_caption = positives[:, :batch]  # symmetric
+    text_to_image = F.cross_entropy(logits[:, :batch].T, same_caption / same_caption.sum(1, keepdim=True))
+    return 0.5 * (image_to_text + text_to_image)
 
 
 def _preferred_kinds(by_kind: dict[str, list[str]], preferred: tuple[str, ...]) -> list[list[str]]:
