@@ -1,9 +1,10 @@
 """What a bootstrap CLIP tells apart, by kind of edit (docs/TRAINING.md, turn 12).
 
 Each held-out render is scored with its own caption and with one caption a single attribute away
-(`ldm.synth.negatives.hard_negatives_by_kind`), grouped by what the edit changed: position, relation, shape,
-colour, size, count, or the two colours swapped between their shapes (binding). The printed figure is
-the ROC AUC of matched against edited scores per kind (0.5: the CLIP cannot tell that kind apart).
+(`ldm.synth.negatives.hard_negatives_by_kind`), grouped by what the edit changed: position,
+relation, shape, colour, size, count, or the two colours swapped between their shapes (binding).
+The printed figure is the ROC AUC of matched against edited scores per kind (0.5: the CLIP cannot
+tell that kind apart).
 The bootstrap's own ``hard_negative_auc`` pools all kinds into one number.
 
     python benchmarks/clip_edit_auc.py ./ldm-demo/models/clip [./ldm-quality/models/clip ...]

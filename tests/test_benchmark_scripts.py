@@ -84,42 +84,6 @@ def test_train_gpu_script_end_to_end_on_cpu(tmp_path):
     assert all(0.0 <= r[f"auc_{k}"] <= 1.0 for r in clips for k in ("random", "one_attribute", "shape_only"))
 
 
-def _clip_edit_auc_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("clip_edit_auc", ROOT / "benchmarks" / "clip_edit_auc.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_clip_edit_auc_names_the_kind_of_every_hard_negative():
-    from ldm.synth.grammar import parse_caption
-    from ldm.synth.negatives import edit_kind, hard_negatives, hard_negatives_by_kind
-
-    caption = "a small red circle in the top left"
-    kinds = {n: edit_kind(parse_caption(caption), parse_caption(n)) for n in hard_negatives(caption)}
-    assert kinds["a small red circle in the bottom right"] == "position"
-    assert kinds["a small red square in the top left"] == "shape"
-    assert kinds["a small blue circle in the top left"] == "colour"
-    assert kinds["a large red circle in the top left"] == "size"
-    assert set(kinds.values()) == {"position", "shape", "colour", "size"}
-    grouped = hard_negatives_by_kind(caption)
-    assert list(grouped) == ["colour", "position", "shape", "size"]
-    assert sorted(sum(grouped.values(), [])) == sorted(hard_negatives(caption))
-    assert all(kinds[n] == kind for kind, group in grouped.items() for n in group)
-    relation = "a red star to the left of a blue square"
-    assert (
-        edit_kind(parse_caption(relation), parse_caption("a red star to the right of a blue square"))
-        == "relation"
-    )
-    assert (
-        edit_kind(parse_caption(relation), parse_caption("a blue star to the left of a red square"))
-        == "binding"
-    )
-
-
 def test_clip_edit_auc_script_scores_a_saved_clip(tmp_path):
     from ingest_fixtures import write_tiny_models
 

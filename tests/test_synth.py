@@ -320,3 +320,29 @@ def test_every_caption_of_the_grammar_fits_the_bootstrap_clips_context():
     tokens = SimpleTokenizer(context_length=77)(captions)
     longest = int((tokens != 0).sum(1).max())  # with the start and end tokens; 0 pads
     assert 8 <= longest <= ClipConfig().context_length, longest
+
+
+def test_edit_kind_names_the_kind_of_every_hard_negative():
+    from ldm.synth.grammar import parse_caption
+    from ldm.synth.negatives import edit_kind, hard_negatives, hard_negatives_by_kind
+
+    caption = "a small red circle in the top left"
+    kinds = {n: edit_kind(parse_caption(caption), parse_caption(n)) for n in hard_negatives(caption)}
+    assert kinds["a small red circle in the bottom right"] == "position"
+    assert kinds["a small red square in the top left"] == "shape"
+    assert kinds["a small blue circle in the top left"] == "colour"
+    assert kinds["a large red circle in the top left"] == "size"
+    assert set(kinds.values()) == {"position", "shape", "colour", "size"}
+    grouped = hard_negatives_by_kind(caption)
+    assert list(grouped) == ["colour", "position", "shape", "size"]
+    assert sorted(sum(grouped.values(), [])) == sorted(hard_negatives(caption))
+    assert all(kinds[n] == kind for kind, group in grouped.items() for n in group)
+    relation = "a red star to the left of a blue square"
+    assert (
+        edit_kind(parse_caption(relation), parse_caption("a red star to the right of a blue square"))
+        == "relation"
+    )
+    assert (
+        edit_kind(parse_caption(relation), parse_caption("a blue star to the left of a red square"))
+        == "binding"
+    )

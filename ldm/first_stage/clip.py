@@ -261,7 +261,8 @@ def train_clip(
     share a caption; plain InfoNCE would push those apart as negatives. The targets here spread each
     row's probability over every pair with the same caption instead. (Counting as positives every
     caption that is merely *true* of an image, "a circle" for a red circle, measured worse: held-out
-    AUC 0.960 after 300 steps of 128 against 0.979 after 200.)
+    AUC 0.960 after 300 steps of 128 against 0.979 after 200.) With ``cfg.hard_negatives``, each
+    image also ranks captions one edit away from its own (NegCLIP; see ``_draw_negatives``).
     """
     model = bundle.model
     model.train()
