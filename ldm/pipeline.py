@@ -115,6 +115,10 @@ def save_pipeline(pipe, folder: str | Path) -> Path:
 def _from_folder(folder: Path, model_uri: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
+    # diffusers resolves a component saved from outside its own libraries (model_index.json names
+    # ["ldm.positional_unet", "PositionalUNet2DConditionModel"]) only from modules already imported.
+    import ldm.positional_unet  # noqa: F401
+
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_uri}: not a diffusers pipeline folder (no model_index.json)")
     # use_safetensors=True: a folder holding only pickled weights fails instead of being unpickled.
@@ -203,7 +207,10 @@ def _per_call_pipeline(pipe, scheduler: SchedulerName, image_to_image: bool = Fa
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     cls = StableDiffusionImg2ImgPipeline if image_to_image else StableDiffusionPipeline
-    view = cls.from_pipe(pipe, scheduler=make_scheduler(pipe, scheduler), dtype=pipe.dtype)
+    # unet passed explicitly: from_pipe drops a model whose type is not exactly the signature's, and
+    # the U-Net may be a subclass (ldm/positional_unet.py).
+    scheduler_obj = make_scheduler(pipe, scheduler)
+    view = cls.from_pipe(pipe, unet=pipe.unet, scheduler=scheduler_obj, dtype=pipe.dtype)
     view.set_progress_bar_config(disable=True)
     return view
 

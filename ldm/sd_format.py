@@ -17,6 +17,7 @@ Remote folders are copied once into the local model cache (``ldm.storage.materia
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ import torch
 
 from ldm import storage
 from ldm.diffusion import PredictionType, check_prediction_type
+from ldm.unet import UNET_CLASS_NAMES
 
 if TYPE_CHECKING:  # diffusers is imported lazily: configs import this module's types cheaply
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -47,6 +49,11 @@ def check_beta_schedule(value: str) -> BetaSchedule:
     return value  # type: ignore[return-value]
 
 
+# What a scheduler config says for NoiseSchedule.zero_terminal_snr; every diffusers sampler that
+# ldm/pipeline.py offers (DDIM, DPM-Solver++, Euler) reads both keys.
+ZERO_TERMINAL_SNR_KEYS: dict[str, Any] = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The training objective's schedule and target, as a pipeline folder's scheduler states them."""
@@ -56,26 +63,36 @@ class NoiseSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: BetaSchedule = "scaled_linear"
+    # Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": the betas are
+    # rescaled so that the last step is pure noise (diffusers' rescale_betas_zero_snr) and samplers
+    # start there (timestep_spacing "trailing"). With SD's schedule the last step keeps
+    # sqrt(alpha_bar) = 0.069 of the image, enough for the model to read the layout from the noise
+    # and to take it from the random noise at sampling time instead of from the prompt.
+    zero_terminal_snr: bool = False
 
     def __post_init__(self) -> None:
         check_prediction_type(self.prediction_type)
         check_beta_schedule(self.beta_schedule)
         if self.num_train_timesteps < 1 or not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(f"invalid noise schedule {self}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "zero_terminal_snr needs prediction_type v_prediction: at the last step the input is pure "
+                "noise, so an epsilon prediction is the input itself and says nothing of the image"
+            )
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
         """Read any diffusers scheduler config (DDPM, DDIM, PNDM, Euler, ...); unsupported keys raise."""
         if config.get("trained_betas") is not None:
             raise ValueError("schedulers with explicit trained_betas are not supported")
-        if config.get("rescale_betas_zero_snr"):
-            raise ValueError("rescale_betas_zero_snr schedules are not supported by ldm/diffusion.py")
         return cls(
             prediction_type=check_prediction_type(config.get("prediction_type", "epsilon")),
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
             beta_start=float(config.get("beta_start", 0.0001)),
             beta_end=float(config.get("beta_end", 0.02)),
             beta_schedule=check_beta_schedule(config.get("beta_schedule", "linear")),
+            zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
         )
 
     def scheduler_config(self) -> dict[str, Any]:
@@ -90,7 +107,7 @@ class NoiseSchedule:
             "steps_offset": 1,
             "clip_sample": False,
             "set_alpha_to_one": False,
-        }
+        } | (ZERO_TERMINAL_SNR_KEYS if self.zero_terminal_snr else {})
 
     def make_scheduler(self) -> DDPMScheduler:
         """The training scheduler (``add_noise``/``get_velocity`` of ``ldm/diffusion.py``) for this schedule."""
@@ -131,8 +148,8 @@ def read_sd_folder(uri: str | Path) -> SDFolder:
             f"{uri} is not a Stable Diffusion pipeline folder (needs {MODEL_INDEX} and {UNET_DIR}/config.json)"
         )
     unet_config = json.loads((local / UNET_DIR / "config.json").read_text())
-    if unet_config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ValueError(f"{uri}: the U-Net is a {unet_config['_class_name']}, not a UNet2DConditionModel")
+    if unet_config.get("_class_name", "UNet2DConditionModel") not in UNET_CLASS_NAMES:
+        raise ValueError(f"{uri}: the U-Net is a {unet_config['_class_name']}, not one of {UNET_CLASS_NAMES}")
     scheduler_file = local / SCHEDULER_DIR / SCHEDULER_CONFIG
     if not scheduler_file.is_file():
         raise FileNotFoundError(f"{uri} has no {SCHEDULER_DIR}/{SCHEDULER_CONFIG}")
@@ -153,17 +170,16 @@ def read_sd_folder(uri: str | Path) -> SDFolder:
 
 def load_unet(source: SDFolder, *, from_scratch: bool = False, seed: int = 0) -> UNet2DConditionModel:
     """The folder's U-Net: its weights, or (``from_scratch``) the same architecture freshly initialised."""
-    from diffusers import UNet2DConditionModel
+    from ldm.positional_unet import unet_class_for
 
+    cls = unet_class_for(source.unet_config)  # diffusers' own, or ours with a position embedding
     if from_scratch:
         # fork_rng: seeding the initialisation must not reseed the caller's global generator
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return UNet2DConditionModel.from_config(source.unet_config)
+            return cls.from_config(source.unet_config)
     # use_safetensors: a folder holding only pickled weights fails instead of being unpickled
-    return UNet2DConditionModel.from_pretrained(
-        source.local, subfolder=UNET_DIR, local_files_only=True, use_safetensors=True
-    )
+    return cls.from_pretrained(source.local, subfolder=UNET_DIR, local_files_only=True, use_safetensors=True)
 
 
 def check_data_shapes(unet_config: Mapping[str, Any], latent_shape: tuple[int, ...], text_width: int) -> None:
@@ -203,6 +219,14 @@ def export_sd_pipeline(
     config = {key: value for key, value in source.scheduler_config.items() if not key.startswith("_")}
     if schedule is not None:
         config |= {key: schedule.scheduler_config()[key] for key in _SCHEDULE_KEYS}
+        if schedule.zero_terminal_snr:
+            config |= ZERO_TERMINAL_SNR_KEYS
+            if "rescale_betas_zero_snr" not in inspect.signature(scheduler_cls.__init__).parameters:
+                # SD 1.5's PNDMScheduler would drop the key, and every sampler built from its config
+                # with it: DDIM is the sampler Lin et al. use with a zero terminal SNR. Our schedule's
+                # keys (clip_sample False above all: DDIM's default clips latents to [-1, 1]) go too.
+                scheduler_cls = _scheduler_class("DDIMScheduler")
+                config |= schedule.scheduler_config()
     pipe = StableDiffusionPipeline.from_pretrained(
         source.local,
         unet=unet,

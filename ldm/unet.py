@@ -29,6 +29,10 @@ from ldm.config.base import ConfigBase
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
+# The U-Net classes a saved U-Net may be (config.json's _class_name): diffusers' own, and ours with a
+# position embedding (ldm/positional_unet.py).
+UNET_CLASS_NAMES = ("UNet2DConditionModel", "PositionalUNet2DConditionModel")
+
 DownBlock = Literal["DownBlock2D", "CrossAttnDownBlock2D"]
 UpBlock = Literal["UpBlock2D", "CrossAttnUpBlock2D"]
 
@@ -56,6 +60,9 @@ class UNetConfig(ConfigBase):
     # conditioned on the caption, not only the blocks with cross-attention.
     addition_embed_type: Literal["text"] | None = None
     addition_embed_type_num_heads: int = 8
+    # True: a learned absolute position embedding is added to the features after conv_in
+    # (ldm/positional_unet.py), so a query of the cross-attention knows which cell it is in.
+    position_embedding: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> UNetConfig:
@@ -91,7 +98,12 @@ def build_unet(
             f"addition_embed_type_num_heads={cfg.addition_embed_type_num_heads} does not divide the text "
             f"embedding width {cross_attention_dim}"
         )
-    return UNet2DConditionModel(
+    cls: type[UNet2DConditionModel] = UNet2DConditionModel
+    if cfg.position_embedding:
+        from ldm.positional_unet import PositionalUNet2DConditionModel
+
+        cls = PositionalUNet2DConditionModel
+    return cls(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,

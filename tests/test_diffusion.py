@@ -195,3 +195,28 @@ def test_unknown_modes_raise():
         training_loss(ZeroNetwork(), latents, text, scheduler, timestep_sampling="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timestep_logit_std"):
         sample_timesteps(4, 1000, sampling="logit_normal", logit_std=0.0)
+
+
+@pytest.mark.parametrize("loss_weighting", ["none", "min_snr"])
+def test_at_a_zero_terminal_snr_the_last_step_is_pure_noise_and_its_v_target_is_the_image(loss_weighting):
+    from ldm.sd_format import NoiseSchedule
+
+    scheduler = NoiseSchedule(prediction_type="v_prediction", zero_terminal_snr=True).make_scheduler()
+    generator = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(2, 2, 4, 4, 4, generator=generator)
+    last = torch.tensor([999, 999])
+    assert torch.equal(scheduler.add_noise(latents, noise, last), noise)  # nothing of the image is left
+    target = training_target(scheduler, latents, noise, last, "v_prediction")
+    torch.testing.assert_close(target, -latents)  # v = sqrt(ab) eps - sqrt(1 - ab) x0 = -x0
+    # SD's schedule leaves 0.069 of the image in the last step's input: what the model learns to read.
+    assert 0.06 < make_noise_scheduler("v_prediction").alphas_cumprod[-1].sqrt().item() < 0.075
+    loss = training_loss(
+        ZeroNetwork(),
+        latents,
+        torch.randn(2, 16, 32),
+        scheduler,
+        prediction_type="v_prediction",
+        loss_weighting=loss_weighting,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.isfinite(loss)

@@ -104,7 +104,7 @@ def test_default_schedule_is_the_house_schedule():
         ({"prediction_type": "sample"}, "unknown prediction_type"),
         ({"beta_schedule": "sigmoid"}, "unknown beta_schedule"),
         ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
-        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ({"rescale_betas_zero_snr": True}, "zero_terminal_snr needs prediction_type v_prediction"),
     ],
 )
 def test_unsupported_schedules_raise(change, message):
@@ -127,6 +127,37 @@ def test_check_data_shapes(sd_folder):
 def test_not_a_pipeline_folder_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Stable Diffusion pipeline folder"):
         read_sd_folder(tmp_path)
+
+
+def test_a_pipeline_with_our_positional_unet_is_a_folder_to_fine_tune_from(tmp_path):
+    """A model this project trained with ``unet.position_embedding`` (the champion that scheduled
+    retraining starts from) reads and loads as itself; a U-Net of another class is refused."""
+    from ldm.pipeline import assemble_pipeline, save_pipeline
+    from ldm.positional_unet import PositionalUNet2DConditionModel
+    from ldm.testing import tiny_components
+    from ldm.unet import UNetConfig, build_unet
+
+    parts = tiny_components()
+    cfg = UNetConfig(
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        position_embedding=True,
+    )
+    parts["unet"] = build_unet(cfg, sample_size=8, in_channels=4, cross_attention_dim=32)
+    folder = save_pipeline(assemble_pipeline(**parts), tmp_path / "champion")
+    source = read_sd_folder(folder)
+    assert source.unet_config["_class_name"] == "PositionalUNet2DConditionModel"
+    loaded = load_unet(source)
+    assert type(loaded) is PositionalUNet2DConditionModel
+    assert torch.equal(loaded.conv_in.position, parts["unet"].conv_in.position)
+    assert type(load_unet(source, from_scratch=True)) is PositionalUNet2DConditionModel
+
+    config = folder / "unet" / "config.json"
+    config.write_text(config.read_text().replace("PositionalUNet2DConditionModel", "UNet3DConditionModel"))
+    with pytest.raises(ValueError, match="UNet3DConditionModel"):
+        read_sd_folder(folder)
 
 
 def test_export_keeps_scheduler_and_carries_the_trained_unet(sd_folder, tmp_path):
@@ -161,6 +192,34 @@ def test_export_with_another_prediction_type(sd_folder, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, use_safetensors=True)
     assert type(pipe.scheduler).__name__ == EXPECTED_SCHEDULER[kind]
     assert pipe.scheduler.config.prediction_type == schedule.prediction_type
+
+
+def test_a_zero_terminal_snr_schedule_ends_in_pure_noise_and_survives_the_export(sd_folder, tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from ldm.diffusion import signal_to_noise_ratio
+
+    last = torch.tensor([999])
+    sd_snr = signal_to_noise_ratio(NoiseSchedule().make_scheduler(), last).item()
+    assert 4e-3 < sd_snr < 6e-3  # SD's schedule leaves sqrt(alpha_bar) ~ 0.069 of the image at t = T
+    schedule = NoiseSchedule(prediction_type="v_prediction", zero_terminal_snr=True)
+    scheduler = schedule.make_scheduler()
+    assert isinstance(scheduler, DDPMScheduler) and scheduler.alphas_cumprod[-1] == 0
+    assert signal_to_noise_ratio(scheduler, last).item() == 0
+    assert NoiseSchedule.from_scheduler_config(schedule.scheduler_config()) == schedule
+    with pytest.raises(ValueError, match="needs prediction_type v_prediction"):
+        NoiseSchedule(zero_terminal_snr=True)
+
+    # SD 1.x's PNDMScheduler cannot rescale its betas: the export switches to DDIM rather than drop it.
+    kind, folder = sd_folder
+    source = read_sd_folder(folder)
+    out = export_sd_pipeline(source, load_unet(source), tmp_path / "export", schedule=schedule)
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, use_safetensors=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.rescale_betas_zero_snr is True
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.config.clip_sample is False  # DDIM's default would clip latents to [-1, 1]
+    assert read_sd_folder(out).schedule == schedule
 
 
 def test_unet_config_can_state_an_sd2_architecture():

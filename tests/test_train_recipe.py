@@ -150,6 +150,15 @@ def test_init_from_a_pipeline_folder_takes_its_architecture_and_checks_the_data_
     with pytest.raises(DataError, match="no such model"):
         resolve_init(TrainConfig(init_from=str(tmp_path / "missing")), facts, tmp_path / "dl")
 
+    # zero_terminal_snr on an epsilon folder is refused; with v_prediction stated it is the new schedule
+    zero_snr = TrainConfig(init_from=str(folder), zero_terminal_snr=True)
+    with pytest.raises(DataError, match="needs prediction_type v_prediction"):
+        resolve_init(zero_snr, facts, tmp_path / "dl")
+    stated = zero_snr.model_copy(update={"prediction_type": "v_prediction"})
+    schedule = resolve_init(stated, facts, tmp_path / "dl").schedule
+    assert schedule.zero_terminal_snr and schedule.prediction_type == "v_prediction"
+    assert schedule.beta_end == init.schedule.beta_end  # the folder's betas, rescaled by the scheduler
+
 
 def test_batch_must_split_over_workers_and_accumulation_steps():
     cfg = TrainConfig(batch_size=64, num_workers=2, grad_accum_steps=4)
@@ -269,3 +278,67 @@ def test_tracking_calls_retry_count_and_show_failures(capsys):
     assert calls.call("flaky again", flaky) == "ok"  # one failure never ends the record
     assert calls.failures == 1
     assert "MLflow broken failed after 3 tries (ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_positional_unet_trains_checkpoints_exports_and_loads_back_as_itself(tmp_path):
+    from ldm.pipeline import generate, load_pipeline
+    from ldm.positional_unet import PositionalUNet2DConditionModel, sincos_2d
+    from ldm.testing import tiny_components
+    from pipelines.train.checkpoint import exported_weights_dir
+    from pipelines.train.export import export_checkpoint
+
+    inputs, batches = _tiny_loop_inputs(checkpoint_every=2, ema_decay=0.9)
+    unet_cfg = inputs.cfg.unet.model_copy(update={"position_embedding": True})
+    inputs = LoopInputs(inputs.cfg.model_copy(update={"unet": unet_cfg}), inputs.facts)
+    world = LocalWorld(checkpoint_dir=tmp_path / "ckpt")
+    assert train_loop(inputs, batches, world, [NanGuard(), CheckpointReporter()]).step == 4
+
+    folder = max((tmp_path / "ckpt").iterdir())
+    first_stage = {k: v for k, v in tiny_components().items() if k != "unet"}
+    init = resolve_init(inputs.cfg, inputs.facts, tmp_path / "download")
+    assert init.counts.total > 0
+    name, _ = export_checkpoint(folder, first_stage, inputs.cfg, tmp_path / "export", init)
+    assert name == exported_weights_dir(folder).name == "ema_unet"
+    index = (tmp_path / "export" / "model_index.json").read_text()
+    assert '"ldm.positional_unet"' in index and '"PositionalUNet2DConditionModel"' in index
+
+    pipe = load_pipeline(str(tmp_path / "export")).pipe
+    assert type(pipe.unet) is PositionalUNet2DConditionModel
+    # The embedding was trained (it left its sine-cosine start) and the exported one is the EMA's.
+    position = pipe.unet.conv_in.position.detach()
+    assert not torch.allclose(position, sincos_2d(16, 8))
+    image = generate(pipe, "a red circle", num_inference_steps=2, seed=0).images[0]
+    assert image.size == (32, 32)
+
+
+def test_a_zero_terminal_snr_run_exports_a_pipeline_whose_samplers_start_from_pure_noise(tmp_path):
+    from ldm.pipeline import load_pipeline, make_scheduler
+    from ldm.testing import tiny_components
+    from pipelines.train.export import export_checkpoint
+
+    inputs, batches = _tiny_loop_inputs(
+        checkpoint_every=2, prediction_type="v_prediction", zero_terminal_snr=True
+    )
+    world = LocalWorld(checkpoint_dir=tmp_path / "ckpt")
+    state = train_loop(inputs, batches, world, [NanGuard(), CheckpointReporter()])
+    assert state.schedule.zero_terminal_snr and math.isfinite(state.loss)
+
+    init = resolve_init(inputs.cfg, inputs.facts, tmp_path / "download")
+    assert init.schedule == inputs.noise_schedule
+    first_stage = {k: v for k, v in tiny_components().items() if k != "unet"}
+    export_checkpoint(max((tmp_path / "ckpt").iterdir()), first_stage, inputs.cfg, tmp_path / "export", init)
+    pipe = load_pipeline(str(tmp_path / "export")).pipe
+    assert (
+        pipe.scheduler.config.rescale_betas_zero_snr
+        and pipe.scheduler.config.prediction_type == "v_prediction"
+    )
+    for name in ("ddim", "dpmpp", "euler"):
+        sampler = make_scheduler(pipe, name)
+        sampler.set_timesteps(4)
+        assert int(sampler.timesteps[0]) == 999, name  # "trailing": the first step is the pure-noise one
+        pipe.scheduler = sampler
+        generator = torch.Generator().manual_seed(0)
+        latents = pipe(
+            "a red circle", num_inference_steps=4, output_type="latent", generator=generator
+        ).images
+        assert torch.isfinite(latents).all() and latents.abs().max() < 1e3, name

@@ -31,11 +31,16 @@ def test_configs_round_trip_through_yaml(tmp_path):
         {"unet": {"block_out_channels": [48, 128, 128]}},  # not divisible by 32 groups
         {"unet": {"down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]}},
         {"no_such_key": 1},
+        {"zero_terminal_snr": True},  # epsilon by default: nothing to predict at the last step
+        {"zero_terminal_snr": True, "prediction_type": "epsilon", "init_from": "/a/folder"},
     ],
 )
 def test_bad_train_config_raises(bad):
     with pytest.raises(ValueError):
         TrainConfig.model_validate(bad)
+    # the zero-SNR configs that are fine: v-prediction, or a folder whose scheduler decides
+    TrainConfig(zero_terminal_snr=True, prediction_type="v_prediction")
+    TrainConfig(zero_terminal_snr=True, init_from="/a/folder")
 
 
 def test_default_unet_has_cross_attention_only_at_8x8_and_mid_for_16x16_latents():
@@ -109,3 +114,49 @@ def test_pooled_text_heads_must_divide_the_text_width():
     cfg = UNetConfig(addition_embed_type="text", addition_embed_type_num_heads=5)
     with pytest.raises(ValueError, match="addition_embed_type_num_heads"):
         build_unet(cfg, sample_size=16, in_channels=4, cross_attention_dim=128)
+
+
+def test_the_position_embedding_tells_every_cell_apart_and_the_unet_uses_it(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from ldm.positional_unet import PositionalUNet2DConditionModel, sincos_2d, unet_class
+
+    table = sincos_2d(32, 16)[0].flatten(1).T  # [256 cells, 32 channels]
+    assert torch.cdist(table, table).add(torch.eye(256) * 1e3).min() > 0.1
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(30, 16)
+
+    cfg = UNetConfig(block_out_channels=(32, 64, 64), norm_num_groups=16)
+    torch.manual_seed(0)
+    stock = build_unet(cfg, sample_size=16, in_channels=4, cross_attention_dim=32)
+    torch.manual_seed(0)
+    unet = build_unet(
+        cfg.model_copy(update={"position_embedding": True}), 16, in_channels=4, cross_attention_dim=32
+    )
+    assert type(stock) is UNet2DConditionModel and type(unet) is PositionalUNet2DConditionModel
+    extra = sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in stock.parameters())
+    assert extra == 32 * 16 * 16
+    assert unet.config.in_channels == 4  # the pipeline still makes 4-channel latents
+
+    args = (torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 8, 32))
+    with torch.no_grad():
+        out = unet(*args).sample
+        unet.conv_in.position.zero_()
+        without = unet(*args).sample
+        unet.conv_in.position.copy_(sincos_2d(32, 16))
+        # other latent sizes resize the table instead of failing
+        assert unet(torch.randn(1, 4, 24, 24), torch.tensor([5]), args[2][:1]).sample.shape == (1, 4, 24, 24)
+    assert (out - without).abs().mean() > 1e-3
+
+    unet.save_pretrained(tmp_path / "positional")
+    stock.save_pretrained(tmp_path / "stock")
+    assert unet_class(tmp_path / "stock") is UNet2DConditionModel
+    loaded = unet_class(tmp_path / "positional").from_pretrained(tmp_path / "positional")
+    with torch.no_grad():
+        assert torch.allclose(loaded(*args).sample, out, atol=1e-5)
+    config = (tmp_path / "stock" / "config.json").read_text()
+    (tmp_path / "stock" / "config.json").write_text(
+        config.replace("UNet2DConditionModel", "UNetSpatioTemporal")
+    )
+    with pytest.raises(ValueError, match="UNetSpatioTemporal"):
+        unet_class(tmp_path / "stock")

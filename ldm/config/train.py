@@ -42,6 +42,10 @@ class TrainConfig(ConfigBase):
     # Objective (ldm/diffusion.py). prediction_type None: init_from's scheduler says (else epsilon);
     # init_from's beta schedule is used too (ldm/sd_format.py NoiseSchedule).
     prediction_type: PredictionType | None = None
+    # True: a schedule whose last step is pure noise, sampled with "trailing" timesteps (Lin et al.
+    # 2024; NoiseSchedule in ldm/sd_format.py says why); needs v_prediction. None: init_from's
+    # scheduler says (else False).
+    zero_terminal_snr: bool | None = None
     loss_weighting: LossWeighting = "min_snr"
     snr_gamma: float = Field(5.0, gt=0)
     noise_offset: float = Field(0.0, ge=0)
@@ -124,6 +128,12 @@ class TrainConfig(ConfigBase):
         if (self.from_scratch or self.lora.enabled) and not self.init_from:
             raise ValueError(
                 "from_scratch and lora need init_from (the pipeline folder whose U-Net they use)"
+            )
+        # With init_from and no prediction_type the folder's decides (checked in resolve_init).
+        folder_decides = self.init_from and self.prediction_type is None
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction" and not folder_decides:
+            raise ValueError(
+                "zero_terminal_snr needs prediction_type v_prediction (ldm/sd_format.py NoiseSchedule)"
             )
         return self
 

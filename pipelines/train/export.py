@@ -30,13 +30,13 @@ def export_checkpoint(
 ) -> tuple[str, dict[str, Any]]:
     """Save the checkpoint in ``folder`` as a pipeline in ``export_dir``; returns the exported weights'
     folder name (``ema_unet``, ``unet``, ``ema_lora`` or ``lora``) and the checkpoint's state."""
-    from diffusers import UNet2DConditionModel
-
     from ldm.pipeline import assemble_pipeline, save_pipeline
+    from ldm.positional_unet import unet_class, unet_class_for
 
+    # unet_class: the U-Net may be diffusers' own or ours with a position embedding (ldm/positional_unet.py)
     weights = exported_weights_dir(folder)
     if init.folder is None:
-        unet = UNet2DConditionModel.from_pretrained(weights, local_files_only=True, use_safetensors=True)
+        unet = unet_class(weights).from_pretrained(weights, local_files_only=True, use_safetensors=True)
         scheduler = init.schedule.make_scheduler()
         parts = (first_stage["vae"], first_stage["text_encoder"], first_stage["tokenizer"])
         save_pipeline(assemble_pipeline(unet.eval(), *parts, scheduler), export_dir)
@@ -44,13 +44,13 @@ def export_checkpoint(
     # The run's first-stage models replace the folder's: the VAE carries the data's scaling factor.
     components = {name: first_stage[name] for name in ("vae", "text_encoder", "tokenizer")}
     if weights.name in (LORA_DIR, EMA_LORA_DIR):
-        base: Any = UNet2DConditionModel.from_config(init.unet_config)
+        base: Any = unet_class_for(init.folder.unet_config).from_config(init.unet_config)
         base.load_state_dict(init.weights)
         add_lora(base, cfg.lora, seed=cfg.seed)
         load_adapter(weights, base)
         export_lora_pipeline(init.folder, base.eval(), export_dir, schedule=init.schedule, **components)
     else:
-        unet = UNet2DConditionModel.from_pretrained(weights, local_files_only=True, use_safetensors=True)
+        unet = unet_class(weights).from_pretrained(weights, local_files_only=True, use_safetensors=True)
         export_sd_pipeline(init.folder, unet.eval(), export_dir, schedule=init.schedule, **components)
     return weights.name, read_checkpoint_state(folder)
 

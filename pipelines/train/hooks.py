@@ -94,7 +94,7 @@ class SampleGrids(Hook):
         was_training = unet.training
         unet.eval()
         try:
-            grid = self.grid(cfg, unet, state.world.device)
+            grid = self.grid(cfg, unet, state.schedule.make_scheduler(), state.world.device)
         except Exception as error:  # noqa: BLE001 - a failed sample grid must not stop training
             self.tracking.calls.failed(f"sample grid of step {state.step}", error)
             return
@@ -103,8 +103,7 @@ class SampleGrids(Hook):
         self.tracking.log_image(state.step, grid, key="samples")
 
     @torch.no_grad()
-    def grid(self, cfg: TrainConfig, unet: torch.nn.Module, device: torch.device) -> Any:
-        from ldm.diffusion import make_noise_scheduler
+    def grid(self, cfg: TrainConfig, unet: torch.nn.Module, scheduler: Any, device: torch.device) -> Any:
         from ldm.pipeline import assemble_pipeline, generate, make_grid
         from pipelines.train.source import load_first_stage
 
@@ -118,7 +117,7 @@ class SampleGrids(Hook):
             self.parts["vae"],
             self.parts["text_encoder"],
             self.parts["tokenizer"],
-            make_noise_scheduler(cfg.prediction_type or "epsilon"),
+            scheduler,
         )
         result = generate(
             pipe,

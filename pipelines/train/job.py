@@ -115,7 +115,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     # (a worker on another node cannot read the driver's disk). The objective's prediction type is
     # the folder's unless the config names one: resolved here, so params and checkpoints record it.
     init = resolve_init(cfg, facts, work.root / "init" / run_name)
-    cfg = cfg.model_copy(update={"prediction_type": init.schedule.prediction_type})
+    schedule = {
+        "prediction_type": init.schedule.prediction_type,
+        "zero_terminal_snr": init.schedule.zero_terminal_snr,
+    }
+    cfg = cfg.model_copy(update=schedule)
     ensure_ray(cfg.ray_address, cfg.num_cpus)
     tracking = DriverTracking(cfg.workdir)
     tracking.start(cfg, run_name, data_uri, facts)

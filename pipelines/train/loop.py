@@ -46,13 +46,15 @@ class LoopInputs:
     init_weights: Mapping[str, torch.Tensor] | None = None  # fine-tuning: the U-Net to start from
     # init_from's diffusers U-Net config (the architecture); None: built from cfg.unet
     unet_config: Mapping[str, Any] | None = None
-    schedule: NoiseSchedule | None = None  # init_from's; None: SD's schedule, cfg.prediction_type
+    # init_from's; None: SD's schedule with cfg.prediction_type and cfg.zero_terminal_snr
+    schedule: NoiseSchedule | None = None
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
         if self.schedule is not None:
             return self.schedule
-        return NoiseSchedule(prediction_type=self.cfg.prediction_type or "epsilon")
+        cfg = self.cfg
+        return NoiseSchedule(cfg.prediction_type or "epsilon", zero_terminal_snr=bool(cfg.zero_terminal_snr))
 
 
 class MetricsWindow:
@@ -109,6 +111,7 @@ class LoopState:
     data_wait: float = 0.0  # seconds this rank waited for the last step's batches
     stop: bool = False
     started: float = field(default_factory=time.monotonic)
+    schedule: NoiseSchedule = NoiseSchedule()  # the objective's (samples are drawn with it)
 
     @property
     def sample_unet(self) -> torch.nn.Module:
@@ -158,6 +161,7 @@ def train_loop(
     buckets = timestep_bucket_names(cfg.timestep_buckets, scheduler.config.num_train_timesteps)
     window = MetricsWindow(buckets, cfg.batch_size)
     state = LoopState(cfg, world, unet, ema_unet, optimizer, window, step, epoch, resumed_from)
+    state.schedule = inputs.noise_schedule
     state.stop = step >= cfg.max_steps
     try:
         for hook in hooks:
@@ -210,13 +214,13 @@ def build_training_state(
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.optim.Optimizer]:
     """The U-Net (seeded, or the fine-tuning weights; with ``lora`` frozen under an adapter), its EMA
     copy, and AdamW over what trains (the whole U-Net, or only the adapter)."""
-    from diffusers import UNet2DConditionModel
+    from ldm.positional_unet import unet_class_for
 
     cfg, facts = inputs.cfg, inputs.facts
     torch.manual_seed(cfg.seed)
     unet: Any  # diffusers' U-Net: its PeftAdapterMixin methods are untyped
     if inputs.unet_config is not None:
-        unet = UNet2DConditionModel.from_config(dict(inputs.unet_config))
+        unet = unet_class_for(inputs.unet_config).from_config(dict(inputs.unet_config))
     else:
         unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
     if inputs.init_weights is not None:

@@ -65,7 +65,9 @@ def resolve_init(cfg: TrainConfig, facts: LatentsFacts, download_dir: Path) -> I
     unet: Any
     if not cfg.init_from:
         unet = build_unet(cfg.unet, facts.latent_shape[1], facts.latent_shape[0], facts.text_width)
-        schedule = NoiseSchedule(prediction_type=cfg.prediction_type or "epsilon")
+        schedule = NoiseSchedule(
+            cfg.prediction_type or "epsilon", zero_terminal_snr=bool(cfg.zero_terminal_snr)
+        )
         return InitSource(None, schedule, None, None, parameter_counts(unet))
     folder = init_folder(cfg.init_from, download_dir)
     try:
@@ -73,8 +75,13 @@ def resolve_init(cfg: TrainConfig, facts: LatentsFacts, download_dir: Path) -> I
     except ValueError as error:
         raise DataError(f"init_from {cfg.init_from}: {error}") from error
     schedule = folder.schedule
-    if cfg.prediction_type is not None:  # an explicit value overrides the folder's
-        schedule = replace(schedule, prediction_type=cfg.prediction_type)
+    # An explicit prediction_type or zero_terminal_snr overrides the folder's.
+    prediction_type = cfg.prediction_type or schedule.prediction_type
+    zero_terminal_snr = schedule.zero_terminal_snr if cfg.zero_terminal_snr is None else cfg.zero_terminal_snr
+    try:
+        schedule = replace(schedule, prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr)
+    except ValueError as error:  # zero terminal SNR with an epsilon prediction
+        raise DataError(f"init_from {cfg.init_from}: {error}") from error
     unet = load_unet(folder, from_scratch=cfg.from_scratch, seed=cfg.seed)
     weights = {name: value.detach().clone() for name, value in unet.state_dict().items()}
     if cfg.lora.enabled:
