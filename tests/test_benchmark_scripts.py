@@ -1,6 +1,7 @@
 """The GPU benchmark script (`benchmarks/train_gpu.py`) on the CPU at tiny sizes, so that it does not
 rot between the rare sessions that have a GPU: every subcommand runs, and what it writes loads back.
-Also the CLIP edit-kind diagnostic (`benchmarks/clip_edit_auc.py`) on a tiny CLIP."""
+Also the CLIP edit-kind diagnostic (`benchmarks/clip_edit_auc.py`) on a tiny CLIP, and the position
+probe (`benchmarks/position_probe.py`) on a tiny pipeline."""
 
 from __future__ import annotations
 
@@ -97,3 +98,29 @@ def test_clip_edit_auc_script_scores_a_saved_clip(tmp_path):
     figures = dict(part.split()[:2] for part in line.split(": ", 1)[1].split(" | "))
     assert {"position", "shape", "colour"} <= figures.keys()
     assert all(0.0 <= float(auc) <= 1.0 for auc in figures.values())
+
+
+def test_position_probe_script_reads_a_model_twice_and_finds_the_seed_decides_for_identical_models(tmp_path):
+    from ldm.config import dump_config
+    from ldm.config.eval import EvalConfig
+    from ldm.testing import tiny_pipeline_folder
+
+    folder = tiny_pipeline_folder(tmp_path / "model")
+    eval_cfg = dump_config(EvalConfig(num_prompts=24, num_inference_steps=2), tmp_path / "eval.yaml")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "position_probe.py"), "--eval-config", str(eval_cfg),
+         "--seeds", "4", str(folder), str(folder)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    ratios = [float(line.split("hidden states ")[1].split()[0]) for line in lines if "  text:" in line]
+    assert len(ratios) == 2 and ratios[0] == ratios[1] > 0  # the same text encoder twice
+    centroids = [line for line in lines if "first estimate" in line]
+    numbers = [float(x) for x in centroids[0].split(": ", 1)[1].replace("(", " ").replace(")", " ").replace(",", " ").split() if x[0].isdigit()]  # fmt: skip
+    assert len(numbers) == 10 and all(0 <= x <= 7 for x in numbers)  # 5 places, an 8x8 latent
+    placed = [line for line in lines if "absolute-position prompts passed" in line]
+    assert len(placed) == 2 and placed[0].endswith("of 2 absolute-position prompts passed")
+    (pair,) = [line for line in lines if line.startswith("same seed, shared cell")]
+    same, other = pair.rsplit(": ", 1)[1].split(" of ")[0], pair.rsplit("other seeds ", 1)[1].rstrip(")")
+    assert int(same) >= float(other)  # one model against itself: the same seed gives the same picture

@@ -79,7 +79,8 @@ def _matches(obj: ObjectLike, want: ObjectSpec) -> bool:
     )
 
 
-def _cell(obj: ObjectLike) -> tuple[int, int]:
+def grid_cell(obj: ObjectLike) -> tuple[int, int]:
+    """(column, row) of the 3x3 grid cell that holds the centre of ``obj``."""
     cell = REFERENCE_SIZE / GRID
     column = min(int(obj.cx // cell), GRID - 1)
     row = min(int(obj.cy // cell), GRID - 1)
@@ -115,7 +116,7 @@ def check(spec: PromptSpec, detections: Sequence[ObjectLike]) -> bool:
         )
     if spec.position is not None:
         target = POSITIONS[spec.position]
-        return any(_matches(d, spec.objects[0]) and _cell(d) == target for d in detections)
+        return any(_matches(d, spec.objects[0]) and grid_cell(d) == target for d in detections)
     if spec.category in ("single_object", "colors", "two_object", "color_attr"):
         return all(any(_matches(d, want) for d in detections) for want in spec.objects)
     raise ValueError(f"unknown category {spec.category!r}")
