@@ -32,20 +32,15 @@ from ldm.evaluation.detect import detect_objects
 from ldm.evaluation.geneval import check, grid_cell
 from ldm.pipeline import load_pipeline
 from ldm.synth.grammar import POSITIONS, heldout_prompts, parse_caption
+from ldm.text import encode_captions
 from pipelines.eval import generate_all
 
 PLACE_PROMPT = "a large red circle in the {}"
 
 
 def _hidden(pipe, text: str) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        [text],
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids)[0][0].double()
+    """[L, D] hidden states of ``text``, encoded as the pipeline encodes prompts."""
+    return encode_captions(pipe.tokenizer, pipe.text_encoder, [text])[0].double()
 
 
 def text_place_to_colour(pipe) -> float:

@@ -29,7 +29,6 @@ import torch
 
 from ldm import storage
 from ldm.diffusion import PredictionType, check_prediction_type
-from ldm.unet import UNET_CLASS_NAMES
 
 if TYPE_CHECKING:  # diffusers is imported lazily: configs import this module's types cheaply
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -148,8 +147,12 @@ def read_sd_folder(uri: str | Path) -> SDFolder:
             f"{uri} is not a Stable Diffusion pipeline folder (needs {MODEL_INDEX} and {UNET_DIR}/config.json)"
         )
     unet_config = json.loads((local / UNET_DIR / "config.json").read_text())
-    if unet_config.get("_class_name", "UNet2DConditionModel") not in UNET_CLASS_NAMES:
-        raise ValueError(f"{uri}: the U-Net is a {unet_config['_class_name']}, not one of {UNET_CLASS_NAMES}")
+    from ldm.positional_unet import unet_class_for
+
+    try:
+        unet_class_for(unet_config)  # diffusers' U-Net or ours with a position embedding, nothing else
+    except ValueError as error:
+        raise ValueError(f"{uri}: {error}") from error
     scheduler_file = local / SCHEDULER_DIR / SCHEDULER_CONFIG
     if not scheduler_file.is_file():
         raise FileNotFoundError(f"{uri} has no {SCHEDULER_DIR}/{SCHEDULER_CONFIG}")

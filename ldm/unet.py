@@ -29,10 +29,6 @@ from ldm.config.base import ConfigBase
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-# The U-Net classes a saved U-Net may be (config.json's _class_name): diffusers' own, and ours with a
-# position embedding (ldm/positional_unet.py).
-UNET_CLASS_NAMES = ("UNet2DConditionModel", "PositionalUNet2DConditionModel")
-
 DownBlock = Literal["DownBlock2D", "CrossAttnDownBlock2D"]
 UpBlock = Literal["UpBlock2D", "CrossAttnUpBlock2D"]
 
