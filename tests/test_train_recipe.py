@@ -342,3 +342,48 @@ def test_a_zero_terminal_snr_run_exports_a_pipeline_whose_samplers_start_from_pu
             "a red circle", num_inference_steps=4, output_type="latent", generator=generator
         ).images
         assert torch.isfinite(latents).all() and latents.abs().max() < 1e3, name
+
+
+class _ImageRecorder:
+    """Stands in for rank 0's MLflow run (``WorkerTracking``): keeps the images the hook logs."""
+
+    def __init__(self):
+        self.calls = TrackingCalls("test")
+        self.images: list[tuple[int, str]] = []
+
+    def log_image(self, step: int, image, key: str) -> None:
+        self.images.append((step, key))
+
+
+def test_the_sample_grid_samples_with_the_runs_zero_terminal_snr_schedule(tmp_path):
+    """The grid's sampler is built from the run's schedule (``LoopState.schedule``), not SD's default
+    betas: for a zero-SNR v-prediction run it starts at t = 999 on rescaled betas."""
+    from ldm.testing import tiny_components
+    from pipelines.train.hooks import SampleGrids
+
+    inputs, batches = _tiny_loop_inputs(
+        prediction_type="v_prediction",
+        zero_terminal_snr=True,
+        sample_prompts=["a red circle"],
+        sample_steps=3,
+    )
+    state = train_loop(inputs, batches, LocalWorld(checkpoint_dir=tmp_path / "ckpt"), [NanGuard()])
+    assert state.stop  # the last step draws a grid whatever sample_every says
+
+    used = []
+
+    class Grids(SampleGrids):
+        def grid(self, cfg, unet, scheduler, device):
+            image = super().grid(cfg, unet, scheduler, device)
+            used.append(scheduler)
+            return image
+
+    recorder = _ImageRecorder()
+    hook = Grids(recorder, scaling_factor=1.0)  # type: ignore[arg-type]
+    hook.parts = {k: v for k, v in tiny_components().items() if k != "unet"}  # instead of the run's files
+    hook.on_step_end(state)
+    assert recorder.calls.failures == 0 and recorder.images == [(state.step, "samples")]
+    (scheduler,) = used
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.prediction_type == "v_prediction"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # pure noise at the last training step
+    assert int(scheduler.timesteps[0]) == 999  # the pipeline set "trailing" timesteps on it
