@@ -72,6 +72,16 @@ def _digest(cfg: BootstrapConfig, section: str) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _text_encoder_digest(cfg: BootstrapConfig) -> str:
+    """The text encoder is the CLIP's text tower, so it is redone whenever the CLIP is; and whenever
+    the layers it keeps change (None, all of them, leaves an earlier digest unchanged)."""
+    clip_digest = _digest(cfg, "clip")
+    if cfg.text_encoder_layers is None:
+        return clip_digest
+    keys = {"clip": clip_digest, "text_encoder_layers": cfg.text_encoder_layers}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _read_metrics(folder: Path) -> dict[str, Any] | None:
     path = folder / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -167,7 +177,7 @@ def _train_autoencoder(cfg: BootstrapConfig, images: np.ndarray, log) -> tuple[A
 
 def _text_encoder(cfg: BootstrapConfig, clip_model: Any) -> tuple[Any, dict]:
     """The CLIP text tower as a transformers CLIPTextModel, checked against open_clip's hidden states."""
-    text_model = te.clip_text_tower_to_transformers(clip_model)
+    text_model = te.clip_text_tower_to_transformers(clip_model, cfg.text_encoder_layers)
     captions = render_batch(64, cfg.seed + HELDOUT_SEED_OFFSET)[1]
     difference = te.max_hidden_state_difference(clip_model, text_model, captions)
     if difference > TEXT_ENCODER_TOLERANCE:
@@ -218,8 +228,10 @@ def _stages(cfg: BootstrapConfig, workdir: WorkDir, training_set, log) -> list[_
     def convert_text_tower() -> tuple[Any, dict]:
         clip_model = (trained.get("clip") or clip.load_clip(str(workdir.clip))).model
         converted = _text_encoder(cfg, clip_model)
+        layers = converted[0][1].config.num_hidden_layers
         log(
-            f"[text encoder] converted the CLIP text tower (max |difference| {converted[1]['max_abs_difference']:.1e})"
+            f"[text encoder] converted the CLIP text tower, {layers} transformer layers "
+            f"(max |difference| {converted[1]['max_abs_difference']:.1e})"
         )
         return converted
 
@@ -235,11 +247,10 @@ def _stages(cfg: BootstrapConfig, workdir: WorkDir, training_set, log) -> list[_
             train_clip,
             lambda bundle, out: clip.save_clip(bundle, out / "clip"),
         ),  # fmt: skip
-        # redone whenever CLIP is: it is CLIP's text tower
         _Stage(
             "text_encoder",
             {te.TEXT_ENCODER_DIR: workdir.text_encoder, te.TOKENIZER_DIR: workdir.tokenizer},
-            clip_digest,
+            _text_encoder_digest(cfg),
             convert_text_tower,
             lambda pair, out: _save_text_encoder(pair[0], pair[1], out),
         ),

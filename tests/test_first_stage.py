@@ -288,6 +288,28 @@ def test_text_tower_conversion_matches_open_clip(tmp_path, renders, quick_gelu):
         te.load_text_encoder(str(tmp_path / "tokenizer"))
 
 
+@pytest.mark.parametrize("num_layers", [0, 1])
+def test_a_shallower_text_encoder_is_the_first_layers_of_the_tower(renders, num_layers):
+    from open_clip.model import CLIP
+
+    _, captions = renders
+    torch.manual_seed(0)
+    clip_model = CLIP(**clip.clip_model_config(TINY_CLIP)).eval()
+    assert len(clip_model.transformer.resblocks) > 1
+    text_model = te.clip_text_tower_to_transformers(clip_model, num_layers)
+    assert text_model.config.num_hidden_layers == len(text_model.encoder.layers) == num_layers
+    assert te.max_hidden_state_difference(clip_model, text_model, captions[:8] + [""]) < 1e-5
+    whole = te.clip_text_tower_to_transformers(clip_model)
+    assert te.max_hidden_state_difference(clip_model, whole, captions[:8]) < 1e-5
+    ids = te.build_text_tokenizer(clip_model)(
+        captions[:2], padding="max_length", return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        assert not torch.allclose(text_model(ids)[0], whole(ids)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="transformer layers"):
+        te.clip_text_tower_to_transformers(clip_model, len(clip_model.transformer.resblocks) + 1)
+
+
 # --- autoencoder ----------------------------------------------------------------------------------
 def test_autoencoder_shapes_save_load_and_layouts(tmp_path, renders, s3_bucket):
     images, _ = renders
@@ -426,3 +448,11 @@ def test_bootstrap_writes_reuses_and_gates(tmp_path):
     assert failed.data.tags["autoencoder.gate"] == "failed" and failed.data.params["min_psnr_db"] == "99.0"
     artifacts = [a.path for a in client.list_artifacts(first.info.run_id)]
     assert "reconstructions.png" in artifacts
+
+    # text_encoder_layers re-converts the text tower alone (the CLIP and the autoencoder are reused)
+    shallow = run_bootstrap(changed.model_copy(update={"text_encoder_layers": 0}), log=lambda _: None)
+    assert shallow["text_encoder"]["trained"] and not (
+        shallow["clip"]["trained"] or shallow["autoencoder"]["trained"]
+    )
+    assert shallow["text_encoder"]["max_abs_difference"] < 1e-5
+    assert te.load_text_encoder(str(work.models))[1].config.num_hidden_layers == 0

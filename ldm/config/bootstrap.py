@@ -90,6 +90,13 @@ class BootstrapConfig(ConfigBase):
     num_train_images: int = 20000
     clip: ClipConfig = Field(default_factory=ClipConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    # How many of the CLIP text tower's transformer layers the U-Net's text encoder keeps (None: all;
+    # 0: the token and position embeddings and the final LayerNorm). The CLIP's image tower does not see
+    # where things are, so its contrastive loss never asks the text tower to keep position words, and
+    # the whole tower all but erases them: "top left" and "bottom right" at cosine 0.97 at the words
+    # (docs/TRAINING.md, turn 14). Without its layers, every word keeps its own embedding and the
+    # U-Net's cross-attention does the composing (turn 15).
+    text_encoder_layers: int | None = Field(None, ge=0)
     # quality gates: training that ends below them raises BootstrapGateError
     min_clip_auc: float = 0.98
     min_psnr_db: float = 28.0

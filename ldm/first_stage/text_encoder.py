@@ -4,6 +4,7 @@ diffusers' StableDiffusionPipeline runs a transformers ``CLIPTextModel`` with a 
 the scorer is an open_clip model. Rather than train a second text model, the open_clip text tower is
 copied weight for weight into a ``CLIPTextModel`` (same architecture: pre-LayerNorm causal transformer
 with learned positions), so the conditioning and the scorer share one trained text understanding.
+The U-Net's copy may keep only the tower's first layers (``BootstrapConfig.text_encoder_layers``).
 
 On disk it is the Stable Diffusion layout: a models folder holding ``text_encoder/`` and ``tokenizer/``.
 """
@@ -28,8 +29,9 @@ TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 
 
-def _text_tower_config(clip_model: CLIP) -> CLIPTextConfig:
-    """The CLIPTextConfig matching an open_clip CLIP's (built-in, non-HF) text tower."""
+def _text_tower_config(clip_model: CLIP, num_layers: int | None = None) -> CLIPTextConfig:
+    """The CLIPTextConfig matching an open_clip CLIP's (built-in, non-HF) text tower, or its first
+    ``num_layers`` transformer layers."""
     if not hasattr(clip_model, "token_embedding") or not hasattr(clip_model, "transformer"):
         raise ValueError("expected an open_clip CLIP with its built-in text tower (not a CustomTextCLIP)")
     if getattr(clip_model, "text_pool_type", "argmax") != "argmax":
@@ -37,6 +39,9 @@ def _text_tower_config(clip_model: CLIP) -> CLIPTextConfig:
     block = clip_model.transformer.resblocks[0]
     if not isinstance(block.ls_1, torch.nn.Identity):
         raise ValueError("text towers with layer scale have no CLIPTextModel equivalent")
+    layers = len(clip_model.transformer.resblocks)
+    if num_layers is not None and not 0 <= num_layers <= layers:
+        raise ValueError(f"num_layers={num_layers}: the text tower has {layers} transformer layers")
     vocab_size, width = clip_model.token_embedding.weight.shape
     if vocab_size != CLIP_VOCAB_SIZE:
         raise ValueError(f"text tower vocabulary is {vocab_size}, the CLIP tokenizer needs {CLIP_VOCAB_SIZE}")
@@ -49,7 +54,7 @@ def _text_tower_config(clip_model: CLIP) -> CLIPTextConfig:
         vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=block.mlp.c_fc.out_features,
-        num_hidden_layers=len(clip_model.transformer.resblocks),
+        num_hidden_layers=layers if num_layers is None else num_layers,
         num_attention_heads=block.attn.num_heads,
         max_position_embeddings=clip_model.positional_embedding.shape[0],
         hidden_act=hidden_act,
@@ -61,13 +66,17 @@ def _text_tower_config(clip_model: CLIP) -> CLIPTextConfig:
     )
 
 
-def clip_text_tower_to_transformers(clip_model: CLIP) -> CLIPTextModel:
+def clip_text_tower_to_transformers(clip_model: CLIP, num_layers: int | None = None) -> CLIPTextModel:
     """Copy an open_clip CLIP's text tower into an equivalent transformers CLIPTextModel (eval mode).
 
     Hidden states agree with open_clip's up to and including the end-of-text token (positions after it
     differ only by what the two tokenizers pad with). The text projection is not part of CLIPTextModel.
+
+    ``num_layers`` keeps only the first transformer layers (then the final LayerNorm, as in the whole
+    tower); 0 keeps the token and position embeddings alone. Why a shallower tower can condition a
+    U-Net better than the whole one: ``BootstrapConfig.text_encoder_layers``.
     """
-    config = _text_tower_config(clip_model)
+    config = _text_tower_config(clip_model, num_layers)
     source = {key: value.detach().cpu() for key, value in clip_model.state_dict().items()}
     state = {
         "embeddings.token_embedding.weight": source["token_embedding.weight"],
@@ -145,7 +154,12 @@ def max_hidden_state_difference(clip_model: CLIP, text_encoder: CLIPTextModel, c
     tokenizer = build_text_tokenizer(clip_model)
     ids = tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
     x = clip_model.token_embedding(ids) + clip_model.positional_embedding  # open_clip's encode_text, unpooled
-    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
+    layers = text_encoder.config.num_hidden_layers  # the converted model may keep only the first layers
+    if layers:
+        _, (x,) = clip_model.transformer.forward_intermediates(
+            x, attn_mask=clip_model.attn_mask, indices=[layers - 1], stop_early=True
+        )
+    x = clip_model.ln_final(x)
     y = text_encoder(ids.to(text_encoder.device)).last_hidden_state.cpu()
     first_eos = (ids == EOS_TOKEN_ID).int().argmax(dim=1)
     upto_eos = torch.arange(ids.shape[1])[None, :] <= first_eos[:, None]  # [N, L]
