@@ -107,9 +107,10 @@ def test_position_probe_script_reads_a_model_twice_and_finds_the_seed_decides_fo
 
     folder = tiny_pipeline_folder(tmp_path / "model")
     eval_cfg = dump_config(EvalConfig(num_prompts=24, num_inference_steps=2), tmp_path / "eval.yaml")
+    latents = _position_latents(tmp_path / "latents")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "position_probe.py"), "--eval-config", str(eval_cfg),
-         "--seeds", "4", str(folder), str(folder)],
+         "--seeds", "4", "--latents", str(latents), str(folder), str(folder)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -121,6 +122,48 @@ def test_position_probe_script_reads_a_model_twice_and_finds_the_seed_decides_fo
     assert len(numbers) == 10 and all(0 <= x <= 7 for x in numbers)  # 5 places, an 8x8 latent
     placed = [line for line in lines if "absolute-position prompts passed" in line]
     assert len(placed) == 2 and placed[0].endswith("of 2 absolute-position prompts passed")
+    uses = [line.split("): ", 1)[1] for line in lines if "caption use (3 rows" in line]
+    assert len(uses) == 2 and uses[0] == uses[1] and "place" in uses[0]  # 3 of the 4 rows name a place
     (pair,) = [line for line in lines if line.startswith("same seed, shared cell")]
     same, other = pair.rsplit(": ", 1)[1].split(" of ")[0], pair.rsplit("other seeds ", 1)[1].rstrip(")")
     assert int(same) >= float(other)  # one model against itself: the same seed gives the same picture
+
+
+def _position_latents(folder: Path) -> Path:
+    """An ingested-style latents folder for the tiny pipeline: 4 rows, 3 of them naming a place."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    captions = ["a large red circle in the top left", "a blue square in the center", "a star",
+                "a small green triangle in the bottom right"]  # fmt: skip
+    latents = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float16)
+    table = pa.table({"caption": captions, "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents)})
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-00000-000.parquet")
+    return folder
+
+
+def test_caption_use_is_one_for_a_unet_that_ignores_the_text_and_not_for_one_that_reads_it(tmp_path):
+    """position_probe's caption-use ratios: exactly 1.0 when the cross-attention is cut off (the tiny
+    U-Net has no other way to the text), away from 1.0 when it is not."""
+    import torch
+
+    from ldm.testing import tiny_pipeline
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from position_probe import caption_use
+
+    latents = _position_latents(tmp_path / "latents")
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        rows, reads = caption_use(pipe, str(latents))
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+        _, ignores = caption_use(pipe, str(latents))
+    assert rows == 3 and set(reads) == {(800, 1000), (500, 800)}
+    assert all(set(band) == {"place", "colour", "empty"} for band in reads.values())
+    assert all(ratio == pytest.approx(1.0, abs=1e-9) for band in ignores.values() for ratio in band.values())
+    assert all(abs(band["place"] - 1.0) > 1e-6 for band in reads.values())
