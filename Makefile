@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-## The whole pipeline end to end on the embedded default (no GPU, no hub, about 19-22 minutes on 2 cores).
+## The whole pipeline end to end on the embedded default (no GPU, no hub, about 19 minutes on 2 cores: the U-Net trains for what its 19-minute budget leaves).
 demo: $(STAMP)
 	$(BIN)/ldm demo --workdir $(WORKDIR)
 

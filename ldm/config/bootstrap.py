@@ -39,7 +39,8 @@ class ClipConfig(ConfigBase):
     # 0.81 at 1500, 0.96 at 2500. The text encoder is this CLIP's text tower, so the U-Net can only
     # follow what it tells apart: 1500 steps lifted the demo's evaluation from 0.04 to 0.11. (Since
     # turn 15 the demo's U-Net reads only the tower's embeddings, `text_encoder_layers`; trained ones
-    # still beat random ones there, 0.44 against 0.38 at 2,400 U-Net steps.)
+    # still beat random ones there, 0.44 against 0.38 at 2,400 U-Net steps. The demo's CLIP trains
+    # 800 steps since turn 16: ldm/config/demo.py.)
     steps: int = 1500
     batch_size: int = 64  # measured: 600 x 64 beats 300 x 128 in the same time (AUC 0.983)
     lr: float = 1e-3
