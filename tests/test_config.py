@@ -120,8 +120,11 @@ def test_quality_profile_loads_as_the_demo_with_its_own_budget():
     assert cfg.bootstrap.clip.patch_size == demo.bootstrap.clip.patch_size
     assert cfg.eval.guidance_scale == demo.eval.guidance_scale and cfg.eval.num_prompts >= 96
     assert cfg.train.unet == demo.train.unet and cfg.train.snr_gamma == 5.0
-    # The profile keeps the whole CLIP text tower it was measured with; the demo keeps none of its layers.
-    assert cfg.bootstrap.text_encoder_layers is None and demo.bootstrap.text_encoder_layers == 0
+    # Both read the CLIP's embeddings only; the profile pins it in its file (turn 16 measured it so), so
+    # a change of the demo's default does not silently change the profile.
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quality.yaml").read_text())
+    assert raw["bootstrap"]["text_encoder_layers"] == 0
+    assert cfg.bootstrap.text_encoder_layers == 0 and demo.bootstrap.text_encoder_layers == 0
     # The profile's CLIP trains its own 2,500 steps, not the demo's 800 (the section is merged).
     assert cfg.bootstrap.clip.steps == 2500 and demo.bootstrap.clip.steps == 800
     # After ~30 minutes of synth, bootstrap and ingest, the U-Net gets the rest of the 90-minute budget.
