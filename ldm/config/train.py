@@ -9,9 +9,10 @@ accumulation, precision) are the Stable Diffusion training recipe; docs/TRAINING
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ldm.config.base import ConfigBase
 from ldm.config.lora import LoraConfig
@@ -24,6 +25,29 @@ DEFAULT_SAMPLE_PROMPTS = (
     "a blue triangle",
     "a small yellow star in the top left",
 )
+
+
+class CaptionRepeat(ConfigBase):
+    """Rows whose caption matches ``pattern`` (``re.search``) appear ``repeats`` times per epoch.
+
+    kohya's sd-scripts call it ``num_repeats`` (per image folder); here it is per caption pattern, so a
+    rare kind of caption (the demo's "in the top left" rows, 8% of its data) can be a larger share of
+    what the U-Net sees without rendering or downloading more. docs/TRAINING.md, turns 16 and 17.
+    """
+
+    pattern: str
+    repeats: int = Field(ge=1)  # 1: once per epoch, as without the rule
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"caption_repeats pattern {pattern!r} is not a regular expression: {error}"
+            ) from error
+        return pattern
 
 
 class TrainConfig(ConfigBase):
@@ -86,6 +110,10 @@ class TrainConfig(ConfigBase):
     # (`Dataset.materialize`) instead of once per epoch: small fine-tuning sets and the demo then skip
     # a read and split at every epoch boundary (docs/TRAINING.md). 0: always stream.
     cache_max_mb: float = Field(1024.0, ge=0)
+    # Oversampling by caption: each row is read as many times per epoch as the first rule whose pattern
+    # its caption matches says (once when none does). The copies are shuffled into the block they come
+    # from, so the shuffle buffer does not hand them out together (pipelines/train/data.py).
+    caption_repeats: list[CaptionRepeat] = Field(default_factory=list)
 
     # Ray Train.
     num_workers: int = Field(2, ge=1)

@@ -13,16 +13,20 @@ already in memory (benchmarks and tests): both feed the same ``train_loop``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import re
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ldm import storage
-from ldm.config.train import TrainConfig
+from ldm.config.train import CaptionRepeat, TrainConfig
 from ldm.contract import (
+    COL_CAPTION,
     COL_INPUT_IDS,
+    COL_KEY,
     COL_LATENT,
     COL_TEXT_EMBEDDING,
     META_INPUT_IDS_SHAPE,
@@ -134,6 +138,38 @@ def parquet_bytes(latents_uri: str) -> int:
     fs, path = storage.filesystem(latents_uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def repeat_rows(table: Any, rules: Sequence[CaptionRepeat], seed: int) -> Any:
+    """The rows of a latents table (pyarrow), each as many times as the first rule whose pattern its
+    caption matches says (once when none does), in a random order within the table.
+
+    The order is shuffled because the copies of a row would otherwise sit side by side, and a worker's
+    shuffle buffer (``shuffle_buffer`` rows) would hand them out in the same few batches. Ray Data
+    calls this on whole blocks (``_fit`` in ``pipelines/train/job.py``), so the copies spread over a
+    block. The shuffle is seeded by ``seed`` and the block's first key: a re-run reads the same order.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    if not rules or table.num_rows == 0:
+        return table
+    if COL_CAPTION not in table.schema.names:
+        raise DataError(f"caption_repeats needs the {COL_CAPTION!r} column in latents/; it is missing")
+    compiled = [(re.compile(rule.pattern), rule.repeats) for rule in rules]
+    captions = table.column(COL_CAPTION).to_pylist()
+    counts = np.ones(len(captions), dtype=np.int64)
+    for row, caption in enumerate(captions):
+        for pattern, repeats in compiled:
+            if caption is not None and pattern.search(caption):
+                counts[row] = repeats
+                break
+    if counts.max() == 1:
+        return table
+    index = np.repeat(np.arange(len(captions)), counts)
+    first_key = str(table.column(COL_KEY)[0].as_py()) if COL_KEY in table.schema.names else ""
+    np.random.default_rng([seed, zlib.crc32(first_key.encode())]).shuffle(index)
+    return table.take(pa.array(index))
 
 
 def ray_batches(

@@ -21,6 +21,7 @@ Checkpoints go to ``storage_path`` (default ``<workdir>/runs``; ``s3://`` throug
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from ldm.config.train import TrainConfig
 from ldm.contract import COL_LATENT, LATENTS_DIR, WorkDir, train_rows
 from ldm.sd_format import NoiseSchedule
 from pipelines.train.conditioning import TextConditioning, text_conditioning
-from pipelines.train.data import LatentsFacts, parquet_bytes, ray_batches, read_latents_facts
+from pipelines.train.data import LatentsFacts, parquet_bytes, ray_batches, read_latents_facts, repeat_rows
 from pipelines.train.export import export_checkpoint, register
 from pipelines.train.hooks import fault_from_env, standard_hooks
 from pipelines.train.loop import LoopInputs, train_loop
@@ -171,28 +172,39 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _fit(args: WorkerArgs, latents_uri: str, cached: bool, work: WorkDir, run_name: str) -> Any:
-    """Run the ``TorchTrainer``; returns its ``Result`` (with a checkpoint, or it raises). ``cached``:
-    materialize the dataset in the object store once, rather than stream it every epoch."""
+def training_dataset(cfg: TrainConfig, latents_uri: str, text_column: str, cached: bool) -> Any:
+    """The Ray Dataset the workers split: the training rows of ``latents/`` (hold-out rows are for
+    ``ldm eval`` only), each as often as ``cfg.caption_repeats`` says, with the latent and
+    ``text_column``; read once into the object store when ``cached``."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    cfg = args.cfg
     fs, latents_path = storage.filesystem(latents_uri)
-    # Checkpoints on s3:// need no shared volume: Ray Train writes through the pyarrow filesystem
-    # (which carries the endpoint and credentials to the workers when pickled).
-    checkpoints_fs, checkpoints_path = storage.filesystem(cfg.storage_path or str(work.runs))
-    # Hold-out rows (ingest's `split` column) are for `ldm eval` only: training never reads them.
-    dataset = (
-        ray.data.read_parquet(latents_path, filesystem=fs)
-        .map_batches(train_rows, batch_format="pyarrow")
-        .select_columns([COL_LATENT, args.conditioning.column])
+    dataset = ray.data.read_parquet(latents_path, filesystem=fs).map_batches(
+        train_rows, batch_format="pyarrow"
     )
+    if cfg.caption_repeats:
+        # batch_size None: whole blocks, so that the copies of a row are shuffled over a whole block.
+        repeat = functools.partial(repeat_rows, rules=cfg.caption_repeats, seed=cfg.seed)
+        dataset = dataset.map_batches(repeat, batch_format="pyarrow", batch_size=None)
+    dataset = dataset.select_columns([COL_LATENT, text_column])
     if cached:
         # Read once: without it every epoch re-runs the read, the split filter and a new streaming
         # split, which on a busy small cluster stalls each epoch's first step for seconds.
         dataset = dataset.materialize()
+    return dataset
+
+
+def _fit(args: WorkerArgs, latents_uri: str, cached: bool, work: WorkDir, run_name: str) -> Any:
+    """Run the ``TorchTrainer``; returns its ``Result`` (with a checkpoint, or it raises). ``cached``:
+    materialize the dataset in the object store once, rather than stream it every epoch."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = args.cfg
+    # Checkpoints on s3:// need no shared volume: Ray Train writes through the pyarrow filesystem
+    # (which carries the endpoint and credentials to the workers when pickled).
+    checkpoints_fs, checkpoints_path = storage.filesystem(cfg.storage_path or str(work.runs))
+    dataset = training_dataset(cfg, latents_uri, args.conditioning.column, cached)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"args": args},
