@@ -34,7 +34,7 @@ from ldm.synth import (
     sample_scene,
     scene_for_prompt,
 )
-from ldm.synth.grammar import all_captions
+from ldm.synth.grammar import ABSOLUTE_POSITION_PATTERN, all_captions
 from ldm.synth.server import ImageServer
 from ldm.synth.source import EXPECTED_REASON, FAULTS, read_truth, render_source, write_pairs
 from pipelines.synth import run_synth
@@ -346,3 +346,18 @@ def test_edit_kind_names_the_kind_of_every_hard_negative():
         edit_kind(parse_caption(relation), parse_caption("a blue star to the left of a red square"))
         == "binding"
     )
+
+
+def test_the_absolute_position_pattern_matches_those_captions_and_no_other():
+    """The demo oversamples rows by this pattern (`train.caption_repeats`): a caption of any other kind
+    that matched would be oversampled too, an absolute one that did not would be left at 8%."""
+    import re
+
+    pattern = re.compile(ABSOLUTE_POSITION_PATTERN)
+    matched = 0
+    for captions in all_captions().values():
+        for caption in captions:
+            absolute = parse_caption(caption).position is not None
+            assert bool(pattern.search(caption)) == absolute, caption
+            matched += absolute
+    assert matched == len(SHAPES) * (len(SIZES) + 1) * len(COLORS) * len(POSITIONS)

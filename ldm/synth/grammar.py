@@ -180,6 +180,8 @@ _RE_COUNT = re.compile(
 )
 _RE_RELATIVE = re.compile(rf"{_NP1} (?P<relation>{_alternation(_RELATION_PHRASES.values())}) {_NP2}")
 _RE_ABSOLUTE = re.compile(rf"{_NP1} in the (?P<position>{_alternation(POSITIONS)})")
+# Matches the absolute-position captions and no other: the demo oversamples them (`ldm/config/demo.py`).
+ABSOLUTE_POSITION_PATTERN = rf" in the ({'|'.join(POSITIONS)})$"
 
 
 def _object(match: re.Match, i: int, count: int = 1) -> ObjectSpec:
