@@ -158,6 +158,7 @@ def test_train_two_workers_tracks_checkpoints_exports_and_registers(tmp_path, ra
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size"] == "8"
+    assert run.data.params["data_rows_per_epoch"] == "32"
     assert run.data.params["unet.block_out_channels"] == "[16, 32]"
     assert float(run.data.params["data.scaling_factor"]) == pytest.approx(SCALING_FACTOR)
     assert run.data.params["dataset_cached"] == "True"

@@ -146,7 +146,7 @@ def repeat_rows(table: Any, rules: Sequence[CaptionRepeat], seed: int) -> Any:
 
     The order is shuffled because the copies of a row would otherwise sit side by side, and a worker's
     shuffle buffer (``shuffle_buffer`` rows) would hand them out in the same few batches. Ray Data
-    calls this on whole blocks (``_fit`` in ``pipelines/train/job.py``), so the copies spread over a
+    calls this on whole blocks (``training_dataset`` in ``pipelines/train/job.py``), so the copies spread over a
     block. The shuffle is seeded by ``seed`` and the block's first key: a re-run reads the same order.
     """
     import numpy as np

@@ -110,7 +110,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     # prompt's, for caption dropout), or stored token ids that the workers encode with this text encoder.
     first_stage = load_first_stage(cfg, facts.scaling_factor)
     facts, conditioning = text_conditioning(facts, first_stage["tokenizer"], first_stage["text_encoder"])
-
     run_name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
     # Fine-tuning: the driver resolves the model once; workers get the weights from the object store
     # (a worker on another node cannot read the driver's disk). The objective's prediction type is
@@ -146,7 +145,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         fault_from_env(),
     )
     try:
-        result = _fit(args, latents_uri, cached, work, run_name)
+        dataset = training_dataset(cfg, latents_uri, conditioning.column, cached)
+        if cached:  # the rows of an epoch, caption_repeats' copies included (free once materialized)
+            tracking.log_params({"data_rows_per_epoch": dataset.count()})
+        result = _fit(args, dataset, work, run_name)
     except BaseException:
         tracking.end("FAILED")
         raise
@@ -194,9 +196,9 @@ def training_dataset(cfg: TrainConfig, latents_uri: str, text_column: str, cache
     return dataset
 
 
-def _fit(args: WorkerArgs, latents_uri: str, cached: bool, work: WorkDir, run_name: str) -> Any:
-    """Run the ``TorchTrainer``; returns its ``Result`` (with a checkpoint, or it raises). ``cached``:
-    materialize the dataset in the object store once, rather than stream it every epoch."""
+def _fit(args: WorkerArgs, dataset: Any, work: WorkDir, run_name: str) -> Any:
+    """Run the ``TorchTrainer`` on ``dataset`` (``training_dataset``); returns its ``Result`` (with a
+    checkpoint, or it raises)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -204,7 +206,6 @@ def _fit(args: WorkerArgs, latents_uri: str, cached: bool, work: WorkDir, run_na
     # Checkpoints on s3:// need no shared volume: Ray Train writes through the pyarrow filesystem
     # (which carries the endpoint and credentials to the workers when pickled).
     checkpoints_fs, checkpoints_path = storage.filesystem(cfg.storage_path or str(work.runs))
-    dataset = training_dataset(cfg, latents_uri, args.conditioning.column, cached)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"args": args},
