@@ -128,7 +128,9 @@ def test_quality_profile_loads_as_the_demo_with_its_own_budget():
     # The profile's CLIP trains its own 2,500 steps, not the demo's 800 (the section is merged).
     assert cfg.bootstrap.clip.steps == 2500 and demo.bootstrap.clip.steps == 800
     # Both oversample the absolute-position captions (the profile by the merge: it names no rule).
-    assert cfg.train.caption_repeats == demo.train.caption_repeats and demo.train.caption_repeats[0].repeats > 1
+    assert (
+        cfg.train.caption_repeats == demo.train.caption_repeats and demo.train.caption_repeats[0].repeats > 1
+    )
     # After ~30 minutes of synth, bootstrap and ingest, the U-Net gets the rest of the 90-minute budget.
     train = fit_training_to_budget(cfg.train, cfg, elapsed_s=30 * 60)
     assert train.max_minutes == pytest.approx(cfg.budget_minutes - 30 - cfg.after_train_minutes)
