@@ -14,11 +14,10 @@ from pydantic import ValidationError
 from ldm.config.train import CaptionRepeat, TrainConfig
 from ldm.contract import COL_CAPTION, COL_KEY, COL_LATENT, COL_SPLIT, COL_TEXT_EMBEDDING, LATENTS_DIR
 from ldm.errors import DataError
+from ldm.synth.grammar import ABSOLUTE_POSITION_PATTERN
 from pipelines.train.data import repeat_rows
 from pipelines.train.job import training_dataset
 from tests.test_train import CAPTIONS, write_tiny_workdir
-
-ABSOLUTE = r" in the ((top|bottom) (left|right)|center)$"
 
 
 def caption_table(captions: list[str]) -> pa.Table:
@@ -44,7 +43,7 @@ def test_copies_are_spread_over_the_block_and_the_order_follows_the_seed():
         f"a star {i} in the top left" for i in range(20)
     ]
     table = caption_table(captions)
-    rules = [CaptionRepeat(pattern=ABSOLUTE, repeats=10)]
+    rules = [CaptionRepeat(pattern=ABSOLUTE_POSITION_PATTERN, repeats=10)]
     out = repeat_rows(table, rules, seed=0)
     keys = out.column(COL_KEY).to_pylist()
     assert len(keys) == 180 + 20 * 10
