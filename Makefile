@@ -11,7 +11,6 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
-export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo quality test test-all test-fast lint clean
 

@@ -33,9 +33,9 @@ app = typer.Typer(
     help="Text-to-image latent diffusion, end to end on Ray: synth, bootstrap, ingest, train, eval, serve.",
 )
 
-# Offline by default (ldm.runtime.OFFLINE_DEFAULTS says why each); a value the user set wins.
-# OMP_WAIT_POLICY must be in the environment before torch is imported: measured here, spinning
-# OpenMP threads took an autoencoder step from 0.5-0.7 s to 2.3-3.2 s on shared cores.
+# Offline by default (ldm.runtime.OFFLINE_DEFAULTS says why each); a value the user set wins. Ray
+# workers also get OMP_WAIT_POLICY=PASSIVE (ldm.runtime.WORKER_DEFAULTS); this process keeps OpenMP's
+# default unless the user set one, which must be in the environment before torch is imported.
 offline_env()
 
 

@@ -13,8 +13,15 @@ OFFLINE_DEFAULTS = {
     "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations phones home on import otherwise
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",  # nothing downloads weights at run time
-    "OMP_WAIT_POLICY": "PASSIVE",  # spinning OpenMP threads collapse throughput on shared cores
 }
+
+# For Ray workers only. Several worker processes share the cores, and OpenMP threads that spin while
+# they wait collapse throughput there: an autoencoder step took 2.3-3.2 s instead of 0.5-0.7 s under
+# load. The driver keeps libgomp's default (spin briefly, then sleep): it trains the bootstrap's CLIP
+# and autoencoder alone on the machine, where PASSIVE cost 20-30% of the step (CLIP 154 against 105-117
+# ms, autoencoder 339-389 against 274-286; docs/TRAINING.md, turn 18). OpenMP reads the variable when
+# torch loads, so it only changes a process started with it.
+WORKER_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def offline_env() -> dict[str, str]:
@@ -25,12 +32,17 @@ def offline_env() -> dict[str, str]:
     return {name: os.environ.setdefault(name, default) for name, default in OFFLINE_DEFAULTS.items()}
 
 
+def worker_env() -> dict[str, str]:
+    """What every Ray worker gets: the offline defaults and ``WORKER_DEFAULTS``; a value set here wins."""
+    return offline_env() | {name: os.environ.get(name, default) for name, default in WORKER_DEFAULTS.items()}
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": offline_env()}  # the same for every Ray worker
+    runtime_env = {"env_vars": worker_env()}  # the same for every Ray worker
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
     if address is None or address == "local":

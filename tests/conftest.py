@@ -8,7 +8,7 @@ import socket
 import pytest
 
 # Offline by construction: no hub lookups, no albumentations phone-home, tokenizers quiet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ldm/cli.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # tests share the cores with Ray workers: ldm/runtime.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -330,6 +330,24 @@ def test_environment_the_user_set_is_respected():
     assert default.stdout.split() == ["1", "1", "1"]
 
 
+def test_ray_workers_wait_passively_and_the_cli_process_keeps_openmps_default():
+    """Ray workers share the cores, so their OpenMP threads must not spin (WORKER_DEFAULTS); the CLI's
+    own process trains the bootstrap alone and keeps OpenMP's default, unless the user set one."""
+    code = (
+        "import os; import ldm.cli; from ldm.runtime import worker_env; "
+        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), worker_env()['OMP_WAIT_POLICY'], "
+        "worker_env()['HF_HUB_OFFLINE'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert default.stdout.split() == ["unset", "PASSIVE", "1"]
+    user = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert user.stdout.split() == ["ACTIVE", "ACTIVE", "1"]
+
+
 # --- dependencies ---------------------------------------------------------------------------------
 def _third_party_imports() -> set[str]:
     sources = [path.read_text() for path in _modules().values()]

@@ -116,8 +116,11 @@ def test_quality_profile_loads_as_the_demo_with_its_own_budget():
     cfg = load_config(DemoConfig, Path(__file__).resolve().parents[1] / "configs" / "quality.yaml")
     demo = DemoConfig()
     assert cfg.synth.num_pairs > demo.synth.num_pairs and cfg.bootstrap.clip.steps > demo.bootstrap.clip.steps
-    # Keys the file does not name keep the demo's values (its CLIP architecture, its eval sampler).
-    assert cfg.bootstrap.clip.patch_size == demo.bootstrap.clip.patch_size
+    # Keys the file does not name keep the demo's values (its CLIP's width, its eval sampler); the CLIP's
+    # patches and context are pinned to what the profile was measured with (turn 17), not the demo's.
+    assert cfg.bootstrap.clip.text_width == demo.bootstrap.clip.text_width
+    assert (cfg.bootstrap.clip.patch_size, cfg.bootstrap.clip.context_length) == (8, 32)
+    assert (demo.bootstrap.clip.patch_size, demo.bootstrap.clip.context_length) == (16, 16)
     assert cfg.eval.guidance_scale == demo.eval.guidance_scale and cfg.eval.num_prompts >= 96
     assert cfg.train.unet == demo.train.unet and cfg.train.snr_gamma == 5.0
     # Both read the CLIP's embeddings only; the profile pins it in its file (turn 16 measured it so), so
