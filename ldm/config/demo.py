@@ -68,9 +68,9 @@ class DemoConfig(ConfigBase):
     # measurements (0.21 at lr 1e-3 x 2,700 steps; 0.35 at 2e-3 and 0.26 at 4e-3 x 2,400; 0.48 at 2e-3
     # x 4,800). Steps are what the score buys, so training runs until max_steps or until the demo's
     # budget_minutes run out (above; max_minutes is only the ceiling), whichever comes first, and
-    # lr_horizon "steps_or_time" ends the cosine at its floor either way. On the 2-core machines of
-    # turns 8-11 (~120-150 samples/s) the budget leaves the 4-minute floor, ~800-1,000 steps; the cap
-    # of 10 minutes and 4,000 steps is for machines fast enough to get there within the budget.
+    # lr_horizon "steps_or_time" ends the cosine at its floor either way. On turn 18's 2 cores the
+    # budget left 9.9 minutes, ~2,700 steps (0.55 held-out; turns 8-11's bootstrap left the 4-minute
+    # floor, ~800-1,000 steps); the cap of 10 minutes and 4,000 steps is for faster machines.
     # snr_gamma 1 instead of Min-SNR's usual 5 caps the weight of the nearly clean steps (t below ~350)
     # harder, so the loss leans on the noisy part of the schedule, where shape, count and layout are
     # likely decided. At 1,600 steps it scored 0.20-0.24 held-out (288 prompts) against 0.17 at 5, two
