@@ -42,7 +42,7 @@ class DemoConfig(ConfigBase):
     # most train.max_minutes (`pipelines.demo.fit_training_to_budget`). None: train.max_minutes as set.
     # The floor keeps a slow machine's demo a model that learned something, at the price of running
     # past the budget. after_train_minutes covers what follows the training loop: Ray Train's start and
-    # the export (~27 s), eval (27-38 s), serve (24-28 s) and the process's start (~14 s), 92-107 s in
+    # the export (~27 s), eval (18-38 s), serve (24-28 s) and the process's start (~14 s), 92-107 s in
     # turns 17-18; 90 s leaves the U-Net 30 s more than turn 17's 120 and ends the demo at ~19 minutes.
     budget_minutes: float | None = Field(19.0, gt=0)
     after_train_minutes: float = Field(1.5, ge=0)
@@ -55,9 +55,10 @@ class DemoConfig(ConfigBase):
     # at seed 0 in turns 8 and 16): the ~4.5 minutes it frees go to the U-Net, and the demo scored 0.25
     # held-out in 18 min 52 s with 1,241 U-Net steps, against 0.094 in 23 min 8 s with 758 (turn 16).
     # 16-px patches and a 16-token context (every caption of the grammar is at most 13 tokens) halve
-    # the CLIP's step: 800 steps in 113 s instead of 223, at the same AUCs (0.985, one-attribute 0.857
-    # against 0.986 and 0.858). Turn 9 dropped that CLIP when the U-Net read its whole tower; on the
-    # embeddings alone it did as well (docs/TRAINING.md, turn 18).
+    # the CLIP's step: 800 steps in 113 s instead of 223, at the same AUCs (0.9853, one-attribute 0.857,
+    # against 0.9855 and 0.858). Turn 9 dropped that CLIP when the U-Net read its whole tower; on the
+    # embeddings alone it is within one standard error at equal steps (0.48 against 0.51 held-out at
+    # 2,400 steps, 288 prompts), and the ~110 s it saves are ~450 more U-Net steps (turn 18).
     bootstrap: BootstrapConfig = BootstrapConfig(
         clip=ClipConfig(steps=800, patch_size=16, context_length=16), text_encoder_layers=0
     )
