@@ -167,3 +167,39 @@ def test_caption_use_is_one_for_a_unet_that_ignores_the_text_and_not_for_one_tha
     assert all(set(band) == {"place", "colour", "empty"} for band in reads.values())
     assert all(ratio == pytest.approx(1.0, abs=1e-9) for band in ignores.values() for ratio in band.values())
     assert all(abs(band["place"] - 1.0) > 1e-6 for band in reads.values())
+
+
+def test_autoencoder_ceiling_script_tells_a_trained_autoencoder_from_an_untrained_one():
+    """benchmarks/autoencoder_ceiling.py: each variant's keys reach its config, and what it prints
+    reflects training (60 steps of a tiny autoencoder reconstruct better than 1)."""
+    script = str(ROOT / "benchmarks" / "autoencoder_ceiling.py")
+    tiny = ["block_out_channels=[8,16,16]", "norm_num_groups=8", "batch_size=8", "lr=0.003"]
+    common = ["--images", "256", "--prompts", "12", "--threads", "1"]
+    variants = ["--variant", "one_step", "steps=1", *tiny, "--variant", "trained", "steps=60", *tiny]
+    proc = subprocess.run(
+        [sys.executable, script, *common, *variants, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["variant"]: row for row in map(json.loads, proc.stdout.splitlines())}
+    assert rows.keys() == {"one_step", "trained"}
+    assert rows["trained"]["config"]["steps"] == 60 and rows["trained"]["config"]["block_out_channels"] == [
+        8,
+        16,
+        16,
+    ]
+    assert rows["trained"]["psnr_db"] > rows["one_step"]["psnr_db"] + 3.0
+    assert all(
+        0.0 <= row[key] <= 1.0 for row in rows.values() for key in ("overall", "two_object", "color_attr")
+    )
+
+    table = subprocess.run(
+        [sys.executable, script, *common, "--variant", "one_step", "steps=1", *tiny],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    header, line = table.stdout.strip().splitlines()
+    assert header.startswith("variant | train time") and line.startswith("one_step | 1.00 | ")

@@ -117,15 +117,16 @@ def test_quality_profile_loads_as_the_demo_with_its_own_budget():
     demo = DemoConfig()
     assert cfg.synth.num_pairs > demo.synth.num_pairs and cfg.bootstrap.clip.steps > demo.bootstrap.clip.steps
     # Keys the file does not name keep the demo's values (its CLIP's width, its eval sampler); the CLIP's
-    # patches and context are pinned to what the profile was measured with (turn 17), not the demo's.
+    # patches and context are the demo's, pinned in the file because the profile was measured with them
+    # (turn 19), so that a change of the demo's defaults does not silently change the profile.
     assert cfg.bootstrap.clip.text_width == demo.bootstrap.clip.text_width
-    assert (cfg.bootstrap.clip.patch_size, cfg.bootstrap.clip.context_length) == (8, 32)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quality.yaml").read_text())
+    assert (raw["bootstrap"]["clip"]["patch_size"], raw["bootstrap"]["clip"]["context_length"]) == (16, 16)
     assert (demo.bootstrap.clip.patch_size, demo.bootstrap.clip.context_length) == (16, 16)
     assert cfg.eval.guidance_scale == demo.eval.guidance_scale and cfg.eval.num_prompts >= 96
     assert cfg.train.unet == demo.train.unet and cfg.train.snr_gamma == 5.0
     # Both read the CLIP's embeddings only; the profile pins it in its file (turn 16 measured it so), so
     # a change of the demo's default does not silently change the profile.
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quality.yaml").read_text())
     assert raw["bootstrap"]["text_encoder_layers"] == 0
     assert cfg.bootstrap.text_encoder_layers == 0 and demo.bootstrap.text_encoder_layers == 0
     # The profile's CLIP trains its own 2,500 steps, not the demo's 800 (the section is merged).
@@ -138,3 +139,6 @@ def test_quality_profile_loads_as_the_demo_with_its_own_budget():
     train = fit_training_to_budget(cfg.train, cfg, elapsed_s=30 * 60)
     assert train.max_minutes == pytest.approx(cfg.budget_minutes - 30 - cfg.after_train_minutes)
     assert 30 + train.max_minutes + cfg.after_train_minutes <= 90
+    # The budget decides, not the caps: they are above what it leaves after a 10-minute bootstrap.
+    assert cfg.train.max_minutes > cfg.budget_minutes - 10 - cfg.after_train_minutes - 5
+    assert cfg.train.max_steps > 5 * 60 * cfg.train.max_minutes  # ~5 steps/s on 2 cores (turn 19)
