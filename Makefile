@@ -29,7 +29,8 @@ demo: $(STAMP)
 	$(BIN)/ldm demo --workdir $(WORKDIR)
 
 ## The quality profile (configs/quality.yaml): the same pipeline with more data, a longer-trained CLIP
-## and an hour of U-Net steps, sized for about 90 minutes on 2 cores (docs/TRAINING.md, turns 12, 16, 17 and 19).
+## and an hour of U-Net steps, sized for about 90 minutes on 2 cores (docs/TRAINING.md, turns 12,
+## 16, 17 and 19).
 quality: $(STAMP)
 	$(BIN)/ldm demo --config configs/quality.yaml --workdir $(QUALITY_WORKDIR)
 

@@ -25,11 +25,9 @@ import torch
 from ldm.config.bootstrap import AutoencoderConfig
 from ldm.evaluation.synthetic import autoencoder_ceiling
 from ldm.first_stage import autoencoder as ae
-from ldm.synth.grammar import heldout_prompts
+from ldm.synth.grammar import CATEGORIES, heldout_prompts
 from ldm.synth.render import render_batch
 from ldm.synth.source import HELDOUT_SEED_OFFSET
-
-CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 def parse_variant(words: list[str]) -> tuple[str, AutoencoderConfig]:
@@ -39,7 +37,10 @@ def parse_variant(words: list[str]) -> tuple[str, AutoencoderConfig]:
         key, sep, value = word.partition("=")
         if not sep:
             raise SystemExit(f"variant {name!r}: expected key=value, got {word!r}")
-        overrides[key] = json.loads(value)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"variant {name!r}: {key}={value!r} is not a JSON value ({err})") from None
     return name, AutoencoderConfig(**overrides)
 
 
