@@ -62,6 +62,12 @@ class TrainConfig(ConfigBase):
     unet: UNetConfig = UNetConfig()
     from_scratch: bool = False  # with init_from: keep its architecture, re-initialise the weights (seed)
     lora: LoraConfig = LoraConfig()  # lora.rank set: train only a LoRA adapter on init_from's U-Net
+    # Train the text encoder together with the U-Net (diffusers' DreamBooth `--train_text_encoder`):
+    # its layers, position embedding and final norm take the same AdamW steps, DDP all-reduce, EMA,
+    # checkpoint and export as the U-Net; the token embedding table stays frozen (most of the
+    # encoder's weights and all-reduce bytes, and a caption moves only its own words' rows). Reads
+    # the data's token ids (`input_ids`); pipelines/train/joint.py says more.
+    train_text_encoder: bool = False
 
     # Objective (ldm/diffusion.py). prediction_type None: init_from's scheduler says (else epsilon);
     # init_from's beta schedule is used too (ldm/sd_format.py NoiseSchedule).
@@ -157,6 +163,8 @@ class TrainConfig(ConfigBase):
             raise ValueError(
                 "from_scratch and lora need init_from (the pipeline folder whose U-Net they use)"
             )
+        if self.train_text_encoder and self.lora.enabled:
+            raise ValueError("train_text_encoder trains the whole encoder: it does not combine with lora")
         # With init_from and no prediction_type the folder's decides (checked in resolve_init).
         folder_decides = self.init_from and self.prediction_type is None
         if self.zero_terminal_snr and self.prediction_type != "v_prediction" and not folder_decides:

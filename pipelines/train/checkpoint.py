@@ -8,6 +8,9 @@ config), so step + config restore it.
 A LoRA run (``lora.rank`` set) keeps only what trains: ``lora/`` and ``ema_lora/`` hold the adapter's
 tensors (``adapter.safetensors``, the U-Net's own parameter names); the frozen base comes from
 ``init_from`` again on resume and export.
+
+With ``train_text_encoder`` the encoder that trains with the U-Net sits beside it: ``text_encoder/``
+and ``ema_text_encoder/`` (``save_pretrained``; ``pipelines/train/joint.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import torch
 
 from ldm.config.train import TrainConfig
 from ldm.lora import has_lora
+from pipelines.train.joint import split_pair
 from pipelines.train.recipe import learning_rate
 
 UNET_DIR = "unet"
 EMA_UNET_DIR = "ema_unet"
 LORA_DIR = "lora"
 EMA_LORA_DIR = "ema_lora"
+TEXT_ENCODER_DIR = "text_encoder"
+EMA_TEXT_ENCODER_DIR = "ema_text_encoder"
+TEXT_ENCODER_WEIGHTS = "model.safetensors"  # transformers' save_pretrained
 ADAPTER_FILE = "adapter.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
@@ -45,9 +52,16 @@ def save_checkpoint(
     ema_unet: Any = None,
     epoch: int = 0,
 ) -> None:
-    """U-Net (and its EMA) via ``save_pretrained``, optimizer state, step, epoch and config."""
+    """U-Net (and its EMA; and a trained text encoder) via ``save_pretrained``, optimizer state, step,
+    epoch and config."""
     from safetensors.torch import save_file
 
+    unet, text_encoder = split_pair(unet)
+    ema_unet, ema_text_encoder = split_pair(ema_unet) if ema_unet is not None else (None, None)
+    if text_encoder is not None:
+        text_encoder.save_pretrained(folder / TEXT_ENCODER_DIR, safe_serialization=True)
+        if ema_text_encoder is not None:
+            ema_text_encoder.save_pretrained(folder / EMA_TEXT_ENCODER_DIR, safe_serialization=True)
     if has_lora(unet):
         _save_adapter(unet, folder / LORA_DIR)
         if ema_unet is not None:
@@ -85,6 +99,10 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     # A checkpoint written without EMA (ema_decay was None) starts the EMA from the weights.
+    unet, text_encoder = split_pair(unet)
+    ema_unet, ema_text_encoder = split_pair(ema_unet) if ema_unet is not None else (None, None)
+    if text_encoder is not None:
+        _load_text_encoder(folder, text_encoder, ema_text_encoder)
     if (folder / LORA_DIR).is_dir():
         load_adapter(folder / LORA_DIR, unet)
         if ema_unet is not None:
@@ -102,6 +120,29 @@ def load_checkpoint(
     param_groups = json.loads((folder / OPTIMIZER_META).read_text())["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     return int(read_checkpoint_state(folder)["step"])
+
+
+def _load_text_encoder(folder: Path, text_encoder: Any, ema_text_encoder: Any) -> None:
+    from safetensors.torch import load_file
+
+    if not (folder / TEXT_ENCODER_DIR).is_dir():
+        raise ValueError(
+            f"{folder}: this run trains the text encoder (train_text_encoder) and the checkpoint has "
+            f"no {TEXT_ENCODER_DIR}/: it was written by a run that did not; use another run_name"
+        )
+    text_encoder.load_state_dict(load_file(str(folder / TEXT_ENCODER_DIR / TEXT_ENCODER_WEIGHTS)))
+    if ema_text_encoder is not None:
+        ema_folder = folder / EMA_TEXT_ENCODER_DIR
+        ema_folder = ema_folder if ema_folder.is_dir() else folder / TEXT_ENCODER_DIR
+        ema_text_encoder.load_state_dict(load_file(str(ema_folder / TEXT_ENCODER_WEIGHTS)))
+
+
+def trained_text_encoder_dir(folder: Path) -> Path | None:
+    """The text encoder a checkpoint exports (its EMA when kept), or None when it did not train one."""
+    for name in (EMA_TEXT_ENCODER_DIR, TEXT_ENCODER_DIR):
+        if (folder / name).is_dir():
+            return folder / name
+    return None
 
 
 def exported_weights_dir(folder: Path) -> Path:

@@ -65,17 +65,43 @@ class EncodedIds:
         return encode_input_ids(self.text_encoder, ids, self.pad_token_id)
 
 
-TextConditioning = StoredEmbeddings | EncodedIds
+@dataclass(frozen=True)
+class TrainedIds:
+    """The stored ``input_ids`` column, handed to the step as ids: with ``train_text_encoder`` the text
+    encoder trains, so the model encodes them itself (``pipelines/train/joint.py``)."""
+
+    text_encoder: Any  # where the trained encoder starts: the run's (the one ingest's ids are for)
+    empty_ids: torch.Tensor  # [L] int64
+    pad_token_id: int
+
+    column = COL_INPUT_IDS
+    dtype = torch.int64
+
+    def to(self, device: torch.device) -> TrainedIds:
+        return TrainedIds(self.text_encoder, self.empty_ids.to(device), self.pad_token_id)
+
+    def __call__(self, stored: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+        """[B, L] int64 with caption dropout (the draw of ``EncodedIds``)."""
+        return caption_dropout(stored[:, :, None], self.empty_ids[:, None], p, generator)[:, :, 0]
+
+
+TextConditioning = StoredEmbeddings | EncodedIds | TrainedIds
 
 
 def text_conditioning(
-    facts: LatentsFacts, tokenizer: Any, text_encoder: Any
+    facts: LatentsFacts, tokenizer: Any, text_encoder: Any, *, train: bool = False
 ) -> tuple[LatentsFacts, TextConditioning]:
     """The facts with the conditioning's shape [L, D] known, and how the step makes it, for the run's
-    (frozen) tokenizer and text encoder: the ones the exported pipeline encodes prompts with."""
+    tokenizer and text encoder: the ones the exported pipeline encodes prompts with. ``train``
+    (``train_text_encoder``): the step gets the stored ids, whatever else the data holds."""
     empty_embedding = encode_captions(tokenizer, text_encoder, [""])[0].detach().float().cpu()  # [L, D]
     shape = (int(empty_embedding.shape[0]), int(empty_embedding.shape[1]))
-    if facts.text_column == COL_TEXT_EMBEDDING:
+    if train and facts.input_ids_shape is None:
+        raise DataError(
+            "train_text_encoder reads the captions' token ids, and this data holds text embeddings "
+            "only: ingest again with `store_input_ids: true`"
+        )
+    if facts.text_column == COL_TEXT_EMBEDDING and not train:
         if shape != facts.text_embedding_shape:
             raise DataError(
                 f"text encoder gives embeddings of shape {shape} but the data holds "
@@ -92,12 +118,18 @@ def text_conditioning(
             "train with the tokenizer that ingest used (`text_encoder`)"
         )
     empty_ids = tokenizer([""], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    conditioning = EncodedIds(text_encoder, empty_ids.input_ids[0].long(), pad)
-    return dataclasses.replace(facts, text_embedding_shape=shape), conditioning
+    kind = TrainedIds if train else EncodedIds
+    conditioning = kind(text_encoder, empty_ids.input_ids[0].long(), pad)
+    return dataclasses.replace(facts, text_embedding_shape=shape, text_column=COL_INPUT_IDS), conditioning
 
 
 @torch.no_grad()
 def encode_input_ids(text_encoder: Any, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """``text_hidden_states`` without gradients: what a frozen encoder gives the step."""
+    return text_hidden_states(text_encoder, input_ids, pad_token_id)
+
+
+def text_hidden_states(text_encoder: Any, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """[B, L, D] float32: ``ldm.text.encode_captions`` from ids the tokenizer already made.
 
     The pipeline passes an attention mask only when ``text_encoder.config.use_attention_mask`` is set

@@ -40,7 +40,8 @@ from ldm.errors import DataError
 from pipelines.train.conditioning import StoredEmbeddings, TextConditioning
 from pipelines.train.recipe import derived_seed
 
-Batch = tuple[int, torch.Tensor, torch.Tensor]  # epoch, latents [B, C, H, W] scaled, text [B, L, D]
+# epoch, latents [B, C, H, W] scaled, text [B, L, D] (token ids [B, L] with train_text_encoder: joint.py)
+Batch = tuple[int, torch.Tensor, torch.Tensor]
 BatchSource = Callable[[int], Iterator[Batch]]  # first epoch -> endless micro-batches
 
 

@@ -1,5 +1,6 @@
 """From the last checkpoint to a registered model: a diffusers pipeline folder with the EMA U-Net
-(when the run kept one) and the run's first-stage models, registered with alias ``candidate``.
+(when the run kept one) and the run's first-stage models (its text encoder as trained, with
+``train_text_encoder``), registered with alias ``candidate``.
 
 With ``init_from`` the folder is ``ldm/sd_format.py``'s ``export_sd_pipeline`` (the source's scheduler
 class, with the schedule training used); a LoRA run exports ``export_lora_pipeline``: the adapter fused
@@ -20,6 +21,7 @@ from pipelines.train.checkpoint import (
     exported_weights_dir,
     load_adapter,
     read_checkpoint_state,
+    trained_text_encoder_dir,
 )
 from pipelines.train.source import InitSource
 from pipelines.train.tracking import DriverTracking
@@ -35,6 +37,7 @@ def export_checkpoint(
 
     # unet_class: the U-Net may be diffusers' own or ours with a position embedding (ldm/positional_unet.py)
     weights = exported_weights_dir(folder)
+    first_stage = {**first_stage, "text_encoder": exported_text_encoder(folder, first_stage["text_encoder"])}
     if init.folder is None:
         unet = unet_class(weights).from_pretrained(weights, local_files_only=True, use_safetensors=True)
         scheduler = init.schedule.make_scheduler()
@@ -53,6 +56,15 @@ def export_checkpoint(
         unet = unet_class(weights).from_pretrained(weights, local_files_only=True, use_safetensors=True)
         export_sd_pipeline(init.folder, unet.eval(), export_dir, schedule=init.schedule, **components)
     return weights.name, read_checkpoint_state(folder)
+
+
+def exported_text_encoder(folder: Path, run_text_encoder: Any) -> Any:
+    """The text encoder the pipeline carries: the one trained with the U-Net (``train_text_encoder``,
+    its EMA when kept), loaded as the run's encoder class; else the run's own, unchanged."""
+    trained = trained_text_encoder_dir(folder)
+    if trained is None:
+        return run_text_encoder
+    return type(run_text_encoder).from_pretrained(trained, local_files_only=True, use_safetensors=True).eval()
 
 
 def register(export_dir: Path, cfg: TrainConfig, tracking: DriverTracking) -> str | None:

@@ -20,6 +20,7 @@ import torch
 
 from ldm.config.train import TrainConfig
 from pipelines.train.checkpoint import save_checkpoint
+from pipelines.train.joint import split_pair
 from pipelines.train.loop import Hook, LoopState
 from pipelines.train.monitor import WorkerTracking
 from pipelines.train.recipe import replica_fingerprint
@@ -112,10 +113,11 @@ class SampleGrids(Hook):
             parts["vae"].to(device)
             parts["text_encoder"].to(device)
             self.parts = parts
+        unet, text_encoder = split_pair(unet)  # train_text_encoder: prompts go through the trained one
         pipe = assemble_pipeline(
             unet,
             self.parts["vae"],
-            self.parts["text_encoder"],
+            text_encoder if text_encoder is not None else self.parts["text_encoder"],
             self.parts["tokenizer"],
             scheduler,
         )

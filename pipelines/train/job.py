@@ -5,7 +5,8 @@ The job is a short recipe run by the driver (``run_train``):
 1. make every local path in the config absolute (Ray Train runs each worker in a working directory
    of its own, so a relative ``./ldm-demo`` would name another folder there);
 2. read the latents' facts from the Parquet schema (scaling factor, latent and text-embedding shapes);
-3. precompute the empty-prompt embedding (caption dropout) with the run's text encoder;
+3. precompute the empty-prompt embedding (caption dropout) with the run's text encoder (with
+   ``train_text_encoder`` the workers train a copy of it with the U-Net, ``pipelines/train/joint.py``);
 4. open the MLflow run: full config as params and YAML, the data manifest as the run's input;
 5. with ``init_from`` (any diffusers SD pipeline folder, ``ldm/sd_format.py``), resolve the model whose
    U-Net config is the architecture and whose scheduler is the objective's default; its weights start
@@ -33,13 +34,13 @@ from ldm import storage
 from ldm.config.train import TrainConfig
 from ldm.contract import COL_LATENT, LATENTS_DIR, WorkDir, train_rows
 from ldm.sd_format import NoiseSchedule
-from pipelines.train.conditioning import TextConditioning, text_conditioning
+from pipelines.train.conditioning import TextConditioning, TrainedIds, text_conditioning
 from pipelines.train.data import LatentsFacts, parquet_bytes, ray_batches, read_latents_facts, repeat_rows
 from pipelines.train.export import export_checkpoint, register
 from pipelines.train.hooks import fault_from_env, standard_hooks
 from pipelines.train.loop import LoopInputs, train_loop
 from pipelines.train.monitor import WorkerTracking
-from pipelines.train.source import load_first_stage, resolve_init
+from pipelines.train.source import InitSource, load_first_stage, resolve_init
 from pipelines.train.tracking import DriverTracking
 from pipelines.train.world import RayWorld
 
@@ -63,7 +64,7 @@ class WorkerArgs:
 
     cfg: TrainConfig
     facts: LatentsFacts
-    conditioning: TextConditioning  # stored embeddings, or stored ids and the frozen text encoder
+    conditioning: TextConditioning  # stored embeddings, or stored ids and the run's text encoder
     init_weights: Any  # ray.ObjectRef of the fine-tuning U-Net's state dict, or None
     unet_config: dict[str, Any] | None  # init_from's U-Net config (the architecture), or None
     schedule: NoiseSchedule  # the objective's noise schedule and prediction type
@@ -88,7 +89,12 @@ def train_worker(config: dict[str, Any]) -> None:
     if world.rank == 0 and args.run_id is not None:
         tracking = WorkerTracking(args.run_id, args.tracking_uri)
     hooks = standard_hooks(world.rank, tracking, args.facts.scaling_factor, args.fault)
-    inputs = LoopInputs(args.cfg, args.facts, init_weights, args.unet_config, args.schedule)
+    trained_text_encoder = (
+        args.conditioning.text_encoder if isinstance(args.conditioning, TrainedIds) else None
+    )
+    inputs = LoopInputs(
+        args.cfg, args.facts, init_weights, args.unet_config, args.schedule, trained_text_encoder
+    )
     train_loop(inputs, batches, world, hooks)
 
 
@@ -107,19 +113,20 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     facts = read_latents_facts(latents_uri)
 
     # The text conditioning as the pipeline computes it at inference: stored embeddings (and the empty
-    # prompt's, for caption dropout), or stored token ids that the workers encode with this text encoder.
+    # prompt's, for caption dropout), or stored ids the workers encode (frozen, or train_text_encoder).
     first_stage = load_first_stage(cfg, facts.scaling_factor)
-    facts, conditioning = text_conditioning(facts, first_stage["tokenizer"], first_stage["text_encoder"])
+    facts, conditioning = text_conditioning(
+        facts, first_stage["tokenizer"], first_stage["text_encoder"], train=cfg.train_text_encoder
+    )
     run_name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
     # Fine-tuning: the driver resolves the model once; workers get the weights from the object store
     # (a worker on another node cannot read the driver's disk). The objective's prediction type is
     # the folder's unless the config names one: resolved here, so params and checkpoints record it.
     init = resolve_init(cfg, facts, work.root / "init" / run_name)
-    schedule = {
-        "prediction_type": init.schedule.prediction_type,
-        "zero_terminal_snr": init.schedule.zero_terminal_snr,
-    }
-    cfg = cfg.model_copy(update=schedule)
+    schedule = init.schedule
+    cfg = cfg.model_copy(
+        update={"prediction_type": schedule.prediction_type, "zero_terminal_snr": schedule.zero_terminal_snr}
+    )
     ensure_ray(cfg.ray_address, cfg.num_cpus)
     tracking = DriverTracking(cfg.workdir)
     tracking.start(cfg, run_name, data_uri, facts)
@@ -127,8 +134,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     cached = data_bytes <= cfg.cache_max_mb * 2**20
     tracking.log_params(
         {
-            "trainable_params": init.counts.trainable,
-            "total_params": init.counts.total,
+            **parameter_counts(cfg, init, first_stage["text_encoder"]),
             "data_parquet_mb": round(data_bytes / 2**20, 1),
             "dataset_cached": cached,
         }
@@ -171,6 +177,20 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "exported_weights": exported,
         "replicas": state.get("replicas", []),
         "dataset_cached": cached,
+    }
+
+
+def parameter_counts(cfg: TrainConfig, init: InitSource, text_encoder: Any) -> dict[str, int]:
+    """The U-Net's trainable and total weights, and how many of the text encoder's train: all but
+    the token table with ``train_text_encoder`` (``pipelines/train/joint.py``), else none."""
+    text_trainable = 0
+    if cfg.train_text_encoder:
+        table = text_encoder.get_input_embeddings().weight.numel()
+        text_trainable = sum(parameter.numel() for parameter in text_encoder.parameters()) - table
+    return {
+        "trainable_params": init.counts.trainable,
+        "total_params": init.counts.total,
+        "text_encoder_trainable_params": text_trainable,
     }
 
 

@@ -33,6 +33,7 @@ from ldm.sd_format import NoiseSchedule
 from ldm.unet import build_unet
 from pipelines.train.checkpoint import load_checkpoint, read_checkpoint_state
 from pipelines.train.data import Batch, BatchSource, LatentsFacts
+from pipelines.train.joint import with_trained_text_encoder
 from pipelines.train.recipe import autocast, derived_seed, ema_decay_at, learning_rate, update_ema
 from pipelines.train.world import World
 
@@ -48,6 +49,8 @@ class LoopInputs:
     unet_config: Mapping[str, Any] | None = None
     # init_from's; None: SD's schedule with cfg.prediction_type and cfg.zero_terminal_snr
     schedule: NoiseSchedule | None = None
+    # train_text_encoder: the encoder that starts training (the run's); batches then carry token ids
+    text_encoder: Any = None
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -98,7 +101,8 @@ class LoopState:
 
     cfg: TrainConfig
     world: World
-    unet: torch.nn.Module  # the trained weights (not the DDP wrapper)
+    # the trained weights (not the DDP wrapper); with train_text_encoder a joint.TextEncoderAndUNet
+    unet: torch.nn.Module
     ema_unet: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     window: MetricsWindow
@@ -212,8 +216,9 @@ def train_loop(
 def build_training_state(
     inputs: LoopInputs,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.optim.Optimizer]:
-    """The U-Net (seeded, or the fine-tuning weights; with ``lora`` frozen under an adapter), its EMA
-    copy, and AdamW over what trains (the whole U-Net, or only the adapter)."""
+    """The U-Net (seeded, or the fine-tuning weights; with ``lora`` frozen under an adapter; with
+    ``train_text_encoder`` paired with the encoder, ``pipelines/train/joint.py``), its EMA copy, and
+    AdamW over what trains (the whole U-Net, or only the adapter; and the encoder)."""
     from ldm.positional_unet import unet_class_for
 
     cfg, facts = inputs.cfg, inputs.facts
@@ -229,6 +234,10 @@ def build_training_state(
         add_lora(unet, cfg.lora, seed=cfg.seed)  # freezes the U-Net; only the adapter trains
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.train_text_encoder:  # one module from here on: DDP, clipping, AdamW and EMA see both
+        if inputs.text_encoder is None or inputs.facts.pad_token_id is None:
+            raise ValueError("train_text_encoder needs LoopInputs.text_encoder and the ids' pad id")
+        unet = with_trained_text_encoder(unet, inputs.text_encoder, inputs.facts.pad_token_id)
     # With LoRA the copy's base weights stay equal to the U-Net's: update_ema moves the adapter only.
     ema_unet = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay is not None else None
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
