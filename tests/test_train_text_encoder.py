@@ -59,8 +59,11 @@ def test_the_loop_trains_the_text_encoder_but_not_its_token_table_and_keeps_an_e
     from ldm.testing import tiny_components
 
     untouched = tiny_components(seed=0, text_len=16)["text_encoder"].state_dict()
-    state, driver_encoder, _ = train_joint(joint_config())
+    state, driver_encoder, _ = train_joint(joint_config(text_encoder_lr=1e-3))
     assert state.step == 4 and math.isfinite(state.loss)
+    # Two AdamW groups; the encoder's follows the schedule at text_encoder_lr / lr of the U-Net's rate.
+    unet_group, encoder_group = state.optimizer.param_groups
+    assert unet_group["lr"] == pytest.approx(state.lr) and encoder_group["lr"] == pytest.approx(state.lr / 10)
     assert isinstance(state.unet, TextEncoderAndUNet) and isinstance(state.ema_unet, TextEncoderAndUNet)
     trained = state.unet.text_encoder.state_dict()
     table = "embeddings.token_embedding.weight"

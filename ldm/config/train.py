@@ -68,6 +68,9 @@ class TrainConfig(ConfigBase):
     # encoder's weights and all-reduce bytes, and a caption moves only its own words' rows). Reads
     # the data's token ids (`input_ids`); pipelines/train/joint.py says more.
     train_text_encoder: bool = False
+    # Its peak learning rate (the same warm-up and decay as `lr`); None: `lr`. diffusers' DreamBooth
+    # LoRA scripts offer the same `--text_encoder_lr`: a pretrained encoder often wants a smaller one.
+    text_encoder_lr: float | None = Field(None, gt=0)
 
     # Objective (ldm/diffusion.py). prediction_type None: init_from's scheduler says (else epsilon);
     # init_from's beta schedule is used too (ldm/sd_format.py NoiseSchedule).

@@ -33,7 +33,7 @@ from ldm.sd_format import NoiseSchedule
 from ldm.unet import build_unet
 from pipelines.train.checkpoint import load_checkpoint, read_checkpoint_state
 from pipelines.train.data import Batch, BatchSource, LatentsFacts
-from pipelines.train.joint import with_trained_text_encoder
+from pipelines.train.joint import split_pair, with_trained_text_encoder
 from pipelines.train.recipe import autocast, derived_seed, ema_decay_at, learning_rate, update_ema
 from pipelines.train.world import World
 
@@ -193,7 +193,7 @@ def train_loop(
                 hook.on_gradients(state)
             state.lr = learning_rate(state.step, cfg, time_used=totals[2].item() / world.size)
             for group in optimizer.param_groups:
-                group["lr"] = state.lr
+                group["lr"] = state.lr * group.get("lr_scale", 1.0)  # older checkpoints: one group
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -240,9 +240,21 @@ def build_training_state(
         unet = with_trained_text_encoder(unet, inputs.text_encoder, inputs.facts.pad_token_id)
     # With LoRA the copy's base weights stay equal to the U-Net's: update_ema moves the adapter only.
     ema_unet = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay is not None else None
-    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    optimizer = adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(parameter_groups(unet, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return unet, ema_unet, optimizer
+
+
+def parameter_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's groups of what trains: one, or with ``train_text_encoder`` the U-Net's and the encoder's,
+    the second scaled to ``text_encoder_lr`` (``lr_scale``, applied wherever the loop sets the rate)."""
+    unet, text_encoder = split_pair(module)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    if text_encoder is not None:
+        scale = (cfg.text_encoder_lr or cfg.lr) / cfg.lr
+        groups.append(
+            {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr_scale": scale}
+        )
+    return groups
 
 
 def resume(
