@@ -203,3 +203,36 @@ def test_autoencoder_ceiling_script_tells_a_trained_autoencoder_from_an_untraine
     assert table.returncode == 0, table.stderr[-3000:]
     header, line = table.stdout.strip().splitlines()
     assert header.startswith("variant | train time") and line.startswith("one_step | 1.00 | ")
+
+
+def test_word_separation_script_tells_an_encoder_that_keeps_the_words_from_one_that_erases_them(tmp_path):
+    """benchmarks/word_separation.py: a tiny random encoder tells "top left" from "bottom right" and
+    "circle" from "square"; one whose embeddings are zeroed gives every token the same output (1.00)."""
+    import torch
+
+    from ldm.first_stage.text_encoder import save_text_encoder
+    from ldm.testing import tiny_components
+
+    parts = tiny_components(seed=0, text_len=16)
+    save_text_encoder(parts["tokenizer"], parts["text_encoder"], tmp_path / "keeps")
+    erased = parts["text_encoder"]
+    with torch.no_grad():
+        for name, parameter in erased.named_parameters():
+            if name.endswith(("token_embedding.weight", "position_embedding.weight")):
+                parameter.zero_()  # every token enters as the same vector...
+            elif name.endswith("final_layer_norm.bias"):
+                parameter.fill_(1.0)  # ...and leaves as the same non-zero one
+    save_text_encoder(parts["tokenizer"], erased, tmp_path / "erases")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "word_separation.py"), f"keeps={tmp_path / 'keeps'}",
+         f"erases={tmp_path / 'erases'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(row["encoder"], row["pair"]): row for row in map(json.loads, proc.stdout.splitlines())}
+    assert len(rows) == 6
+    assert all(
+        rows["erases", pair]["min"] == pytest.approx(1.0, abs=1e-3) for pair in ("place", "shape", "binding")
+    )
+    assert all(rows["keeps", pair]["min"] < 0.98 for pair in ("place", "shape", "binding"))  # 0.90-0.96
+    assert all(row["min"] <= row["mean"] + 1e-9 for row in rows.values())

@@ -10,8 +10,9 @@ encodes prompts with the encoder the U-Net learned to read.
 This is what diffusers' DreamBooth scripts do with ``--train_text_encoder`` (one optimizer over both
 models' parameters), except that the token embedding table stays frozen here: it is most of a CLIP
 text model's weights (49,408 x width) and all-reduce bytes, and a caption moves only its own
-words' rows. Position embeddings, the transformer layers and the final norm train. Why the demo's
-domain wants it: docs/TRAINING.md, "Experiments for issue 13, turn 20".
+words' rows. Position embeddings, the transformer layers and the final norm train. On the demo's
+domain it did not pay at 2,400 steps (docs/TRAINING.md, "Experiments for issue 13, turn 20"); it is
+for a user's encoder that the data should move, as DreamBooth's is.
 """
 
 from __future__ import annotations
