@@ -1,7 +1,8 @@
 """The GPU benchmark script (`benchmarks/train_gpu.py`) on the CPU at tiny sizes, so that it does not
 rot between the rare sessions that have a GPU: every subcommand runs, and what it writes loads back.
 Also the CLIP edit-kind diagnostic (`benchmarks/clip_edit_auc.py`) on a tiny CLIP, and the position
-probe (`benchmarks/position_probe.py`) on a tiny pipeline."""
+probe (`benchmarks/position_probe.py`) on a tiny pipeline, the autoencoder ceiling
+(`benchmarks/autoencoder_ceiling.py`) and the word-separation diagnostic (`benchmarks/word_separation.py`)."""
 
 from __future__ import annotations
 
