@@ -99,6 +99,10 @@ def test_a_checkpoint_keeps_the_trained_encoder_and_a_resumed_run_starts_from_it
     trained = [p for p in state.unet.parameters() if p.requires_grad]
     assert len(optimizer.state_dict()["state"]) == len(trained)
 
+    # A run that does not train the encoder cannot resume one that did (its U-Net reads that encoder).
+    frozen = build_training_state(LoopInputs(joint_config(train_text_encoder=False), inputs.facts))
+    with pytest.raises(ValueError, match="resume with train_text_encoder: true"):
+        load_checkpoint(folder, frozen[0], frozen[2], ema_unet=frozen[1])
     # A run that trains the encoder cannot resume a checkpoint that has none: one line says so.
     shutil.rmtree(folder / "text_encoder")
     with pytest.raises(ValueError, match="no text_encoder/"):

@@ -103,6 +103,11 @@ def load_checkpoint(
     ema_unet, ema_text_encoder = split_pair(ema_unet) if ema_unet is not None else (None, None)
     if text_encoder is not None:
         _load_text_encoder(folder, text_encoder, ema_text_encoder)
+    elif (folder / TEXT_ENCODER_DIR).is_dir():  # the U-Net learned to read that encoder, not this run's
+        raise ValueError(
+            f"{folder}: the checkpoint holds a text encoder trained with its U-Net and this run does not "
+            "train one: resume with train_text_encoder: true, or use another run_name"
+        )
     if (folder / LORA_DIR).is_dir():
         load_adapter(folder / LORA_DIR, unet)
         if ema_unet is not None:
