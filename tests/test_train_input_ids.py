@@ -81,6 +81,13 @@ def write_ids_only_workdir(root: Path, rows: int = 16) -> tuple[WorkDir, dict]:
     return work, parts
 
 
+def first_stored_row(work: WorkDir) -> tuple[torch.Tensor, str]:
+    """The first row of ``latents/`` as training reads it: its token ids [1, L] int64 and its caption."""
+    stored = pq.read_table(work.data / LATENTS_DIR).slice(0, 1)
+    ids = torch.from_numpy(stored.column(COL_INPUT_IDS).combine_chunks().to_numpy_ndarray().astype(np.int64))
+    return ids, stored.column(COL_CAPTION)[0].as_py()
+
+
 def test_ids_encode_as_the_captions_do_with_and_without_an_attention_mask():
     from ldm.testing import tiny_components
 
@@ -192,9 +199,7 @@ def test_ldm_train_on_ids_only_data_exports_a_pipeline_whose_prompts_encode_as_t
     pipe = StableDiffusionPipeline.from_pretrained(
         summary["export"], local_files_only=True, use_safetensors=True
     )
-    stored = pq.read_table(work.data / LATENTS_DIR).slice(0, 1)
-    ids = torch.from_numpy(stored.column(COL_INPUT_IDS).combine_chunks().to_numpy_ndarray().astype(np.int64))
-    caption = stored.column(COL_CAPTION)[0].as_py()
+    ids, caption = first_stored_row(work)
     at_inference, _ = pipe.encode_prompt(caption, "cpu", 1, False)
     in_training = encode_input_ids(pipe.text_encoder, ids, pipe.tokenizer.pad_token_id)
     assert torch.equal(at_inference, in_training)

@@ -7,16 +7,15 @@ import math
 import shutil
 
 import mlflow
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from test_train import CAPTIONS, tiny_unet_config
-from test_train_input_ids import token_ids, write_ids_only_workdir
+from test_train_input_ids import first_stored_row, token_ids, write_ids_only_workdir
 
 from ldm.config.train import TrainConfig
-from ldm.contract import COL_CAPTION, COL_INPUT_IDS, COL_TEXT_EMBEDDING, LATENTS_DIR
+from ldm.contract import COL_INPUT_IDS, COL_TEXT_EMBEDDING
 from ldm.errors import DataError
+from ldm.testing import CLIP_VOCAB_SIZE, TINY_TEXT_DIM
 from pipelines.train import LatentsFacts, LocalWorld, LoopInputs, NanGuard, tensor_batches, train_loop
 from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.train.conditioning import TrainedIds, encode_input_ids, text_conditioning
@@ -152,7 +151,7 @@ def test_ldm_train_with_the_text_encoder_exports_the_encoder_it_trained(tmp_path
     configure(work.root)
     run = mlflow.MlflowClient().get_run(summary["run_id"])
     assert run.data.params["train_text_encoder"] == "True"
-    table = 49408 * 32  # the tiny encoder's token table (CLIP's vocabulary x width) is frozen
+    table = CLIP_VOCAB_SIZE * TINY_TEXT_DIM  # the tiny encoder's token table is frozen
     trained = int(run.data.params["text_encoder_trainable_params"])
     assert 0 < trained == sum(p.numel() for p in load_text_encoder(str(work.models))[1].parameters()) - table
     # DDP kept the two workers' pairs identical: the fingerprint covers the encoder's weights.
@@ -171,7 +170,6 @@ def test_ldm_train_with_the_text_encoder_exports_the_encoder_it_trained(tmp_path
     assert not torch.equal(exported[layer], original.state_dict()[layer])
 
     # A prompt encodes at inference as the step encoded its ids with the exported (EMA) encoder.
-    stored = pq.read_table(work.data / LATENTS_DIR).slice(0, 1)
-    ids = torch.from_numpy(stored.column(COL_INPUT_IDS).combine_chunks().to_numpy_ndarray().astype(np.int64))
-    at_inference, _ = pipe.encode_prompt(stored.column(COL_CAPTION)[0].as_py(), "cpu", 1, False)
+    ids, caption = first_stored_row(work)
+    at_inference, _ = pipe.encode_prompt(caption, "cpu", 1, False)
     assert torch.equal(at_inference, encode_input_ids(pipe.text_encoder, ids, pipe.tokenizer.pad_token_id))
