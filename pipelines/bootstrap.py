@@ -68,6 +68,8 @@ def _digest(cfg: BootstrapConfig, section: str) -> str:
     if section == "clip" and not config["hard_negatives"]:
         # keys added after the first release: off, they leave the digest of an earlier CLIP unchanged
         del config["hard_negatives"], config["hard_negative_kinds"]
+    if section == "autoencoder" and not config["edge_loss_weight"]:
+        del config["edge_loss_weight"]
     keys = {"seed": cfg.seed, "num_train_images": cfg.num_train_images, section: config}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -78,7 +80,9 @@ def _text_encoder_digest(cfg: BootstrapConfig) -> str:
     clip_digest = _digest(cfg, "clip")
     if cfg.text_encoder_layers is None:
         return clip_digest
-    keys = {"clip": clip_digest, "text_encoder_layers": cfg.text_encoder_layers}
+    keys: dict[str, Any] = {"clip": clip_digest, "text_encoder_layers": cfg.text_encoder_layers}
+    if cfg.parse_encoder.layers:  # off, it leaves the digest of an earlier encoder unchanged
+        keys |= {"seed": cfg.seed, "parse_encoder": cfg.parse_encoder.to_dict()}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -233,7 +237,7 @@ def _stages(cfg: BootstrapConfig, workdir: WorkDir, training_set, log) -> list[_
             f"[text encoder] converted the CLIP text tower, {layers} transformer layers "
             f"(max |difference| {converted[1]['max_abs_difference']:.1e})"
         )
-        return converted
+        return _train_parse_layers(cfg, converted, log) if cfg.parse_encoder.layers else converted
 
     def train_autoencoder() -> tuple[Any, dict]:
         vae, metrics = _train_autoencoder(cfg, training_set()[0], log)
@@ -262,6 +266,24 @@ def _stages(cfg: BootstrapConfig, workdir: WorkDir, training_set, log) -> list[_
             lambda vae, out: ae.save_autoencoder(vae, out / "autoencoder"),
         ),  # fmt: skip
     ]
+
+
+def _train_parse_layers(cfg: BootstrapConfig, converted: tuple[Any, dict], log) -> tuple[Any, dict]:
+    """The converted embeddings with ``cfg.parse_encoder`` layers trained on the grammar's parse."""
+    from ldm.first_stage import parse_encoder as pe
+
+    (tokenizer, embeddings), metrics = converted
+    device = bootstrap_device(cfg)
+    model, accuracy = pe.train_parse_encoder(
+        embeddings.to(device), tokenizer, cfg.parse_encoder, seed=cfg.seed, log=log
+    )
+    log(
+        f"[parse encoder] {cfg.parse_encoder.layers} layers, held-out captions parsed exactly "
+        f"{accuracy['exact']:.3f} (shape {accuracy['shape']:.3f}, colour {accuracy['color']:.3f}, "
+        f"position {accuracy['position']:.3f}, relation {accuracy['relation']:.3f}), "
+        f"trained in {accuracy['train_seconds']:.0f}s on {device.type}"
+    )
+    return (tokenizer, model.cpu()), {**metrics, **{f"parse_{k}": v for k, v in accuracy.items()}}
 
 
 def _save_text_encoder(tokenizer: Any, text_model: Any, out: Path) -> None:

@@ -15,9 +15,10 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ldm.config.base import load_config
-from ldm.config.bootstrap import AutoencoderConfig, BootstrapConfig, ClipConfig
+from ldm.config.bootstrap import AutoencoderConfig, BootstrapConfig, ClipConfig, ParseEncoderConfig
 from ldm.contract import WorkDir
 from ldm.first_stage import autoencoder as ae
 from ldm.first_stage import clip
@@ -350,6 +351,39 @@ def test_autoencoder_training_lowers_the_loss(renders):
     assert ae.reconstruction_psnr(vae, images[:8]) > before + 1.0
 
 
+def test_the_gradient_difference_term_sees_what_pixel_mse_weighs_by_area(renders):
+    """A one-pixel-wide line blurred sideways costs pixel MSE by its area, the gradient term by its edges."""
+    import hashlib
+
+    from pipelines.bootstrap import _digest
+
+    line = torch.zeros(1, 3, 16, 16)
+    line[..., 8] = 1.0  # one column
+    blurred = F.avg_pool2d(line, kernel_size=(1, 3), stride=1, padding=(0, 1))  # spread over three columns
+    assert ae.gradient_difference(line, line) == 0
+    assert ae.gradient_difference(blurred, line) > F.mse_loss(blurred, line)
+    # the term trains: the edge-weighted loss is the MSE loss plus a positive term, step for step
+    images, _ = renders
+    common = TINY_AE.model_copy(update={"steps": 3})
+    torch.manual_seed(0)
+    plain = ae.train_autoencoder(ae.build_autoencoder(common), images, common, log=lambda _: None)
+    torch.manual_seed(0)
+    edged_cfg = common.model_copy(update={"edge_loss_weight": 2.0})
+    edged = ae.train_autoencoder(ae.build_autoencoder(edged_cfg), images, edged_cfg, log=lambda _: None)
+    assert edged[0] > plain[0]
+
+    # Off (0), the key leaves the digest of an autoencoder saved before it existed as it was.
+    cfg = BootstrapConfig()
+    before = {k: v for k, v in cfg.autoencoder.to_dict().items() if k != "edge_loss_weight"}
+    keys = {"seed": cfg.seed, "num_train_images": cfg.num_train_images, "autoencoder": before}
+    assert (
+        _digest(cfg, "autoencoder")
+        == hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    )
+    on = cfg.model_copy(update={"autoencoder": edged_cfg})
+    assert _digest(on, "autoencoder") != _digest(cfg, "autoencoder")
+
+
 # --- bootstrap job --------------------------------------------------------------------------------
 def test_bootstrap_device_is_checked_before_any_work(tmp_path):
     from pydantic import ValidationError
@@ -455,4 +489,28 @@ def test_bootstrap_writes_reuses_and_gates(tmp_path):
         shallow["clip"]["trained"] or shallow["autoencoder"]["trained"]
     )
     assert shallow["text_encoder"]["max_abs_difference"] < 1e-5
-    assert te.load_text_encoder(str(work.models))[1].config.num_hidden_layers == 0
+    embeddings = te.load_text_encoder(str(work.models))[1]
+    assert embeddings.config.num_hidden_layers == 0
+
+    # parse_encoder trains new layers on those embeddings, the text encoder alone again; its held-out
+    # parse accuracy goes to metrics.json and MLflow
+    parse = ParseEncoderConfig(layers=1, steps=5, batch_size=8)
+    parsed = run_bootstrap(shallow_cfg := changed.model_copy(update={"text_encoder_layers": 0, "parse_encoder": parse}),
+                           log=messages.append)  # fmt: skip
+    assert parsed["text_encoder"]["trained"] and not (
+        parsed["clip"]["trained"] or parsed["autoencoder"]["trained"]
+    )
+    assert (
+        0.0 <= parsed["text_encoder"]["parse_exact"] <= 1.0
+        and parsed["text_encoder"]["parse_heldout_captions"] > 300
+    )
+    assert any(m.startswith("[parse encoder] 1 layers, held-out captions parsed exactly") for m in messages)
+    parse_model = te.load_text_encoder(str(work.models))[1]
+    assert parse_model.config.num_hidden_layers == 1
+    token_table = "embeddings.token_embedding.weight"
+    assert torch.equal(parse_model.state_dict()[token_table], embeddings.state_dict()[token_table])
+    assert not run_bootstrap(shallow_cfg, log=lambda _: None)["text_encoder"]["trained"]  # reused
+    last = client.search_runs([runs[0].info.experiment_id], order_by=["attributes.start_time DESC"])[1]
+    assert last.data.metrics["text_encoder.parse_exact"] == pytest.approx(
+        parsed["text_encoder"]["parse_exact"]
+    )

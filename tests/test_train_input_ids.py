@@ -21,19 +21,21 @@ from ldm.contract import (
     COL_INPUT_IDS,
     COL_KEY,
     COL_LATENT,
+    COL_TEXT_EMBEDDING,
     LATENTS_DIR,
     MANIFEST_FILE,
     META_INPUT_IDS_SHAPE,
     META_LATENT_SHAPE,
     META_PAD_TOKEN_ID,
     META_SCALING_FACTOR,
+    META_TEXT_EMBEDDING_SHAPE,
     META_TEXT_ENCODER,
     WorkDir,
 )
 from ldm.errors import DataError
 from ldm.text import encode_captions
 from pipelines.train import LatentsFacts, LocalWorld, LoopInputs, NanGuard, read_latents_facts, tensor_batches
-from pipelines.train.conditioning import EncodedIds, encode_input_ids, text_conditioning
+from pipelines.train.conditioning import EncodedIds, StoredEmbeddings, encode_input_ids, text_conditioning
 
 
 def token_ids(tokenizer, captions: list[str]) -> np.ndarray:
@@ -120,6 +122,42 @@ def test_facts_without_the_embedding_column_and_the_conditioning_they_resolve_to
     other = LatentsFacts(1.0, (4, 8, 8), None, COL_INPUT_IDS, (77,), facts.pad_token_id, "sd-tokenizer")
     with pytest.raises(DataError, match="do not match this run's tokenizer"):
         text_conditioning(other, parts["tokenizer"], parts["text_encoder"])
+
+
+def test_stored_embeddings_another_encoder_made_are_not_trained_on(tmp_path):
+    """Two encoders of one width give embeddings of one shape: the first stored caption, encoded again,
+    tells whether the stored embeddings are the run's encoder's. When not, the stored ids are encoded
+    (what the exported pipeline computes), or, without ids, the run is refused."""
+    from ldm.testing import tiny_components
+
+    work, parts = write_ids_only_workdir(tmp_path / "wd", rows=4)
+    path = work.data / LATENTS_DIR / "part-00000.parquet"
+    table = pq.read_table(path)
+    embeddings = encode_captions(
+        parts["tokenizer"], parts["text_encoder"], table.column(COL_CAPTION).to_pylist()
+    )
+    metadata = {**table.schema.metadata, META_TEXT_EMBEDDING_SHAPE: json.dumps([16, 32]).encode()}
+    both = table.append_column(COL_TEXT_EMBEDDING, tensor_column(embeddings.numpy().astype(np.float16)))
+    pq.write_table(both.replace_schema_metadata(metadata), path)
+
+    facts = read_latents_facts(str(work.data / LATENTS_DIR))
+    assert facts.text_column == COL_TEXT_EMBEDDING and facts.probe is not None
+    caption, stored = facts.probe
+    assert caption == CAPTIONS[0] and torch.allclose(stored, embeddings[0], atol=1e-2)
+    _, same = text_conditioning(facts, parts["tokenizer"], parts["text_encoder"])
+    assert isinstance(same, StoredEmbeddings)
+
+    other = tiny_components(seed=1, latent_size=8, text_len=16)["text_encoder"]  # same width, other weights
+    with pytest.warns(UserWarning, match="ingest used another encoder.*encoding the stored token ids"):
+        resolved, encoded = text_conditioning(facts, parts["tokenizer"], other)
+    assert isinstance(encoded, EncodedIds) and resolved.text_column == COL_INPUT_IDS
+
+    pq.write_table(both.drop_columns([COL_INPUT_IDS]).replace_schema_metadata(metadata), path)
+    embeddings_only = read_latents_facts(str(work.data / LATENTS_DIR))
+    with pytest.raises(
+        DataError, match=r"stored embedding of 'a red circle'.*train with the text encoder that ingest used"
+    ):
+        text_conditioning(embeddings_only, parts["tokenizer"], other)
 
 
 def test_id_batches_equal_embedding_batches_with_the_same_caption_dropout():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ldm.config.base import ConfigBase
 
@@ -83,8 +83,21 @@ class AutoencoderConfig(ConfigBase):
     batch_size: int = 16
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    # Weight of the gradient difference term (`ldm.first_stage.autoencoder.gradient_difference`) beside
+    # the pixel MSE: it weighs thin shapes by their edges, not their area.
+    edge_loss_weight: float = Field(0.0, ge=0.0)
     eval_images: int = 256  # held-out renders for the PSNR gate
     scaling_images: int = 1024  # training images whose latent std sets the scaling factor
+
+
+class ParseEncoderConfig(ConfigBase):
+    """Transformer layers on the CLIP's word embeddings, trained to read the grammar's parse
+    (`ldm.first_stage.parse_encoder`); 0 layers: off."""
+
+    layers: int = Field(0, ge=0)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
 
 
 class BootstrapConfig(ConfigBase):
@@ -100,6 +113,10 @@ class BootstrapConfig(ConfigBase):
     # (docs/TRAINING.md, turn 14). Without its layers, every word keeps its own embedding and the
     # U-Net's cross-attention does the composing (turn 15).
     text_encoder_layers: int | None = Field(None, ge=0)
+    # New layers on those embeddings, trained to read the caption grammar's parse (every word says
+    # which object it is of, and that object's shape, colour, size, count and place); they replace the
+    # tower's layers, so they need text_encoder_layers: 0 (docs/TRAINING.md, turn 21).
+    parse_encoder: ParseEncoderConfig = Field(default_factory=ParseEncoderConfig)
     # quality gates: training that ends below them raises BootstrapGateError
     min_clip_auc: float = 0.98
     min_psnr_db: float = 28.0
@@ -108,3 +125,11 @@ class BootstrapConfig(ConfigBase):
     # Not part of a model's digest: a model trained on either is reused by the other.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     force: bool = False  # retrain even when a model with the same config is already there
+
+    @model_validator(mode="after")
+    def _parse_layers_replace_the_tower(self) -> BootstrapConfig:
+        if self.parse_encoder.layers and self.text_encoder_layers != 0:
+            raise ValueError(
+                "parse_encoder.layers replace the CLIP tower's layers: set text_encoder_layers: 0 with them"
+            )
+        return self

@@ -2,7 +2,8 @@
 
 Ingest stores a caption as its text embedding (``text_embedding``, [L, D]), its token ids
 (``input_ids``, [L]), or both (``docs/DATA.md``, "Text conditioning"). Training reads the embedding
-when it is there; with ids only, each worker holds the run's frozen text encoder and encodes every
+when it is there and the run's text encoder reproduces it; otherwise, with ids (only ids, or an
+encoder other than ingest's), each worker holds the run's frozen text encoder and encodes every
 micro-batch as it is made, without gradients, the way ``ldm.text.encode_captions`` (and so the
 exported pipeline at inference) encodes the caption: no attention mask unless the encoder's config
 asks for one, the last hidden state. Caption dropout swaps in the empty caption, before encoding
@@ -12,6 +13,7 @@ for ids (its ids) and as its embedding otherwise: both give the pipeline's uncon
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,11 @@ from pipelines.train.recipe import caption_dropout
 
 if TYPE_CHECKING:  # data.py imports this module
     from pipelines.train.data import LatentsFacts
+
+# Largest difference, relative to the stored embedding's largest magnitude, between a stored embedding
+# and the run's encoding of its caption that still counts as the same encoder: float16 storage rounds
+# by ~0.1%, an encoder run on a GPU in half precision by more; another encoder differs by ~100%.
+STORED_EMBEDDING_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -102,12 +109,15 @@ def text_conditioning(
             "only: ingest again with `store_input_ids: true`"
         )
     if facts.text_column == COL_TEXT_EMBEDDING and not train:
-        if shape != facts.text_embedding_shape:
-            raise DataError(
-                f"text encoder gives embeddings of shape {shape} but the data holds "
-                f"{facts.text_embedding_shape}: train with the text encoder that ingest used"
-            )
-        return facts, StoredEmbeddings(empty_embedding)
+        mismatch = _stored_embedding_mismatch(facts, shape, tokenizer, text_encoder)
+        if mismatch is None:
+            return facts, StoredEmbeddings(empty_embedding)
+        if facts.input_ids_shape is None:
+            raise DataError(f"{mismatch}: train with the text encoder that ingest used")
+        # The data's ids name the words: the run's encoder encodes them, as the exported pipeline will.
+        warnings.warn(
+            f"{mismatch}: encoding the stored token ids with this run's encoder instead", stacklevel=2
+        )
     # Token ids only: any text encoder of the same tokenizer will do (the ids name the words); the
     # exported pipeline carries this one, so training conditions on what inference computes.
     length, pad = int(tokenizer.model_max_length), int(tokenizer.pad_token_id)
@@ -121,6 +131,30 @@ def text_conditioning(
     kind = TrainedIds if train else EncodedIds
     conditioning = kind(text_encoder, empty_ids.input_ids[0].long(), pad)
     return dataclasses.replace(facts, text_embedding_shape=shape, text_column=COL_INPUT_IDS), conditioning
+
+
+def _stored_embedding_mismatch(
+    facts: LatentsFacts, shape: tuple[int, int], tokenizer: Any, text_encoder: Any
+) -> str | None:
+    """Why the stored embeddings are not what this run's text encoder computes, or None when they are.
+
+    The shape alone does not tell two encoders of one width apart (a bootstrap encoder and a
+    parse-trained one; SD 1.5's CLIP and a fine-tuned copy): the first stored caption is encoded
+    again and compared with its stored embedding, which Parquet keeps in float16.
+    """
+    if shape != facts.text_embedding_shape:
+        return f"the text encoder gives embeddings of shape {shape} but the data holds {facts.text_embedding_shape}"
+    if facts.probe is None:
+        return None
+    caption, stored = facts.probe
+    encoded = encode_captions(tokenizer, text_encoder, [caption])[0].detach().float().cpu()
+    difference = float((encoded - stored).abs().max())
+    if difference > STORED_EMBEDDING_TOLERANCE * max(1.0, float(stored.abs().max())):
+        return (
+            f"the stored embedding of {caption!r} differs from this run's text encoder's by up to "
+            f"{difference:.3g}: ingest used another encoder ({facts.text_encoder})"
+        )
+    return None
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,9 @@ class LatentsFacts:
     input_ids_shape: tuple[int] | None = None  # L, when token ids are stored
     pad_token_id: int | None = None  # the id that pads them
     text_encoder: str | None = None  # the spec of the text encoder ingest used
+    # The first stored caption and its stored embedding [L, D]: `conditioning.text_conditioning` checks
+    # that the run's text encoder reproduces it before it trains on stored embeddings.
+    probe: tuple[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def text_width(self) -> int:
@@ -121,6 +124,12 @@ def read_latents_facts(latents_uri: str) -> LatentsFacts:
             f"{latent_shape}, {text_shape}, {ids_shape}"
         )
     text_encoder = json.loads(metadata[META_TEXT_ENCODER]) if META_TEXT_ENCODER in metadata else None
+    probe = None
+    if text_shape is not None and COL_CAPTION in schema.names:
+        parquet = pq.ParquetFile(files[0], filesystem=fs)
+        first = next(parquet.iter_batches(batch_size=1, columns=[COL_CAPTION, COL_TEXT_EMBEDDING]))
+        embedding = first.column(COL_TEXT_EMBEDDING).to_numpy_ndarray()[0].astype("float32")  # [L, D]
+        probe = (first.column(COL_CAPTION)[0].as_py(), torch.from_numpy(embedding))
     return LatentsFacts(
         float(json.loads(metadata[META_SCALING_FACTOR])),
         (latent_shape[0], latent_shape[1], latent_shape[2]),
@@ -129,6 +138,7 @@ def read_latents_facts(latents_uri: str) -> LatentsFacts:
         input_ids_shape=(ids_shape[0],) if ids_shape is not None else None,
         pad_token_id=pad_token_id,
         text_encoder=text_encoder.get("spec") if isinstance(text_encoder, dict) else text_encoder,
+        probe=probe,
     )
 
 
