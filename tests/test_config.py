@@ -128,6 +128,11 @@ def test_quality_profile_loads_as_the_demo_with_its_own_budget():
     # Both read the CLIP's embeddings only; the profile pins it in its file (turn 16 measured it so), so
     # a change of the demo's default does not silently change the profile.
     assert raw["bootstrap"]["text_encoder_layers"] == 0
+    # Measured with the MSE-only autoencoder: the demo's edge term is pinned off until it is measured.
+    assert (
+        cfg.bootstrap.autoencoder.edge_loss_weight == 0.0
+        and demo.bootstrap.autoencoder.edge_loss_weight == 1.0
+    )
     assert cfg.bootstrap.text_encoder_layers == 0 and demo.bootstrap.text_encoder_layers == 0
     # The profile's CLIP trains its own 2,500 steps, not the demo's 800 (the section is merged).
     assert cfg.bootstrap.clip.steps == 2500 and demo.bootstrap.clip.steps == 800

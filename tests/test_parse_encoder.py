@@ -117,6 +117,23 @@ def test_the_layers_learn_to_parse_held_out_captions_and_the_token_table_stays(t
     )
 
 
+def test_keep_weight_holds_the_words_asked_nothing_at_their_embeddings(tokenizer):
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=16,
+                            bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+                            pad_token_id=EOS_TOKEN_ID)  # fmt: skip
+    torch.manual_seed(0)
+    embeddings = CLIPTextModel(config).eval()
+    ids, labels = pe.token_labels(pe.training_captions()[0][:256], tokenizer)
+    drift = {}
+    for keep in (0.0, 10.0):
+        cfg = ParseEncoderConfig(layers=1, steps=100, batch_size=64, lr=3e-3, keep_weight=keep)
+        model, _ = pe.train_parse_encoder(embeddings, tokenizer, cfg, log=lambda _: None)
+        with torch.no_grad():
+            drift[keep] = float(pe.kept_words_loss(model(ids).last_hidden_state, embeddings, ids, labels))
+    assert drift[10.0] < 0.25 * drift[0.0], drift
+
+
 def test_parse_layers_need_the_tower_s_layers_off():
     with pytest.raises(ValueError, match="text_encoder_layers: 0"):
         BootstrapConfig(parse_encoder=ParseEncoderConfig(layers=2))

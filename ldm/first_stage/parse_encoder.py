@@ -178,6 +178,18 @@ def training_captions() -> tuple[list[str], np.ndarray]:
     return captions, weights / weights.sum()
 
 
+def kept_words_loss(
+    hidden: torch.Tensor, embeddings: CLIPTextModel, ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared distance, over the tokens asked nothing, between the layers' outputs and what the
+    embeddings alone give them: those words ("a", "red", "top", "and", the padding) stay what the
+    U-Net reads in the demo's embeddings-only encoder, and the parse is written into the asked ones."""
+    with torch.no_grad():
+        before = embeddings(ids).last_hidden_state
+    unasked = (labels == IGNORE).all(dim=-1)  # [N, L]
+    return F.mse_loss(hidden[unasked], before[unasked])
+
+
 @torch.no_grad()
 def parse_accuracy(model: CLIPTextModel, heads: ParseHeads, captions: list[str], tokenizer: Any) -> dict:
     """Per attribute, the fraction of labelled tokens the heads get right, and the fraction of captions
@@ -212,7 +224,12 @@ def train_parse_encoder(
     rng, started = np.random.default_rng(seed), time.perf_counter()
     for step in range(cfg.steps):
         rows = torch.from_numpy(rng.choice(len(captions), size=cfg.batch_size, p=weights)).to(device)
-        loss, _ = heads(model(all_ids[rows]).last_hidden_state, all_labels[rows])
+        hidden = model(all_ids[rows]).last_hidden_state
+        loss, _ = heads(hidden, all_labels[rows])
+        if cfg.keep_weight:
+            loss = loss + cfg.keep_weight * kept_words_loss(
+                hidden, embeddings, all_ids[rows], all_labels[rows]
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
