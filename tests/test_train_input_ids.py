@@ -139,6 +139,8 @@ def test_stored_embeddings_another_encoder_made_are_not_trained_on(tmp_path):
     metadata = {**table.schema.metadata, META_TEXT_EMBEDDING_SHAPE: json.dumps([16, 32]).encode()}
     both = table.append_column(COL_TEXT_EMBEDDING, tensor_column(embeddings.numpy().astype(np.float16)))
     pq.write_table(both.replace_schema_metadata(metadata), path)
+    # A shard whose rows were all rejected leaves an empty file, first in the listing here.
+    pq.write_table(both.slice(0, 0).replace_schema_metadata(metadata), path.with_name("part-0000.parquet"))
 
     facts = read_latents_facts(str(work.data / LATENTS_DIR))
     assert facts.text_column == COL_TEXT_EMBEDDING and facts.probe is not None
@@ -152,7 +154,9 @@ def test_stored_embeddings_another_encoder_made_are_not_trained_on(tmp_path):
         resolved, encoded = text_conditioning(facts, parts["tokenizer"], other)
     assert isinstance(encoded, EncodedIds) and resolved.text_column == COL_INPUT_IDS
 
-    pq.write_table(both.drop_columns([COL_INPUT_IDS]).replace_schema_metadata(metadata), path)
+    embeddings_only_table = both.drop_columns([COL_INPUT_IDS]).replace_schema_metadata(metadata)
+    pq.write_table(embeddings_only_table, path)
+    pq.write_table(embeddings_only_table.slice(0, 0), path.with_name("part-0000.parquet"))
     embeddings_only = read_latents_facts(str(work.data / LATENTS_DIR))
     with pytest.raises(
         DataError, match=r"stored embedding of 'a red circle'.*train with the text encoder that ingest used"

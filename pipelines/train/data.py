@@ -82,6 +82,26 @@ def _tensor_shape(schema: Any, column: str, meta_key: bytes) -> tuple[int, ...]:
     )
 
 
+def _first_caption_and_embedding(
+    parquet: Any, text_shape: tuple[int, ...]
+) -> tuple[str, torch.Tensor] | None:
+    """The first row's caption and text embedding [L, D] float32; None for a column layout other than
+    ingest's tensor types (then only the shape is checked against the run's encoder)."""
+    import numpy as np
+
+    first = next(parquet.iter_batches(batch_size=1, columns=[COL_CAPTION, COL_TEXT_EMBEDDING]))
+    column = first.column(COL_TEXT_EMBEDDING)
+    try:
+        if hasattr(column, "to_numpy_ndarray"):  # arrow.fixed_shape_tensor (what ingest writes)
+            values = column.to_numpy_ndarray()[0]
+        else:  # a (fixed-size) list, or Ray Data's own tensor type
+            values = np.asarray(column.to_numpy(zero_copy_only=False)[0])
+        embedding = np.asarray(values, dtype=np.float32).reshape(text_shape)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return first.column(COL_CAPTION)[0].as_py(), torch.from_numpy(embedding)
+
+
 def read_latents_facts(latents_uri: str) -> LatentsFacts:
     """Scaling factor, tensor shapes and the stored caption column (the embedding when there is one,
     else the token ids) from the schema of the first Parquet file under ``latents_uri``."""
@@ -126,10 +146,12 @@ def read_latents_facts(latents_uri: str) -> LatentsFacts:
     text_encoder = json.loads(metadata[META_TEXT_ENCODER]) if META_TEXT_ENCODER in metadata else None
     probe = None
     if text_shape is not None and COL_CAPTION in schema.names:
-        parquet = pq.ParquetFile(files[0], filesystem=fs)
-        first = next(parquet.iter_batches(batch_size=1, columns=[COL_CAPTION, COL_TEXT_EMBEDDING]))
-        embedding = first.column(COL_TEXT_EMBEDDING).to_numpy_ndarray()[0].astype("float32")  # [L, D]
-        probe = (first.column(COL_CAPTION)[0].as_py(), torch.from_numpy(embedding))
+        # the first file that holds a row (a shard whose rows were all rejected writes an empty one)
+        for file in files:
+            parquet = pq.ParquetFile(file, filesystem=fs)
+            if parquet.metadata.num_rows:
+                probe = _first_caption_and_embedding(parquet, text_shape)
+                break
     return LatentsFacts(
         float(json.loads(metadata[META_SCALING_FACTOR])),
         (latent_shape[0], latent_shape[1], latent_shape[2]),
